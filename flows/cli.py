@@ -1,0 +1,31 @@
+"""The ``ledit`` command line.
+
+Heavy libraries (torch, transformers, polars, prefect) are imported inside the
+commands, so ``ledit --help`` answers at once.
+"""
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Lifelong knowledge editing: BaFT adapters that keep a language model's facts current.
+
+    \b
+    Engine:    ledit edit | eval | generate
+    Data:      ledit init | submit | ingest
+    """
+
+
+def _register_command_groups():
+    from flows import cli_edit, cli_ingest
+
+    cli_edit.add_commands(main)
+    cli_ingest.add_commands(main)
+
+
+_register_command_groups()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
