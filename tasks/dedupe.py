@@ -1,0 +1,89 @@
+"""Deduplication with lazy polars, over the staged valid records of one run.
+
+Each staged record gets exactly one status:
+
+- ``accepted``: the latest version of its fact in this run, and new;
+- ``duplicate``: an exact copy (same normalised content) of the record kept for its fact;
+- ``superseded``: an older version of a fact that this run also has a later version of;
+- ``stale``: older than the version of the fact an earlier batch already accepted;
+- ``already_ingested``: identical to the version an earlier batch accepted;
+- ``already_applied``: identical to an edit the model already carries (``mark_applied``).
+
+"Latest" orders by ``observed_at`` (arrival time where absent), then file arrival order,
+then record position. Keys are the normalised fact ids and content hashes computed in
+``tasks.validate``. Everything but ``accepted`` is written to the run's duplicates file
+with its status, so nothing is dropped silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from tasks.validate import BATCH_SCHEMA
+
+STATUSES = ("accepted", "duplicate", "superseded", "stale", "already_ingested",
+            "already_applied")
+
+
+@dataclass
+class DedupeResult:
+    accepted: int = 0
+    counts: dict = field(default_factory=dict)   # status -> n (accepted excluded)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(self.counts.values())
+
+
+def classify(staged: pl.LazyFrame, facts: pl.LazyFrame, applied: pl.LazyFrame) -> pl.LazyFrame:
+    """Add ``dedupe_status`` to every staged record (see the module doc)."""
+    seen = facts.select("fact_id", pl.col("record_hash").alias("_l_hash"),
+                        pl.col("edit_key").alias("_l_edit"), pl.col("order_ts").alias("_l_ts"))
+    done = applied.select("fact_id", pl.col("edit_key").alias("_a_edit"))
+    lf = (staged.sort(["fact_id", "_order_ts", "_seq", "source_record"])
+          .with_columns(pl.col("fact_id").is_last_distinct().alias("_last"),
+                        pl.col("record_hash").last().over("fact_id").alias("_win_hash"))
+          .join(seen, on="fact_id", how="left")
+          .join(done, on="fact_id", how="left"))
+    status = (pl.when(~pl.col("_last") & (pl.col("record_hash") == pl.col("_win_hash")))
+              .then(pl.lit("duplicate"))
+              .when(~pl.col("_last")).then(pl.lit("superseded"))
+              .when(pl.col("_l_ts").is_not_null() & (pl.col("_order_ts") < pl.col("_l_ts")))
+              .then(pl.lit("stale"))
+              .when(pl.col("record_hash") == pl.col("_l_hash")).then(pl.lit("already_ingested"))
+              .when((pl.col("_edit_key") == pl.col("_a_edit"))
+                    & (pl.col("_l_edit").is_null() | (pl.col("_l_edit") == pl.col("_a_edit"))))
+              .then(pl.lit("already_applied"))
+              .otherwise(pl.lit("accepted")))
+    return lf.with_columns(status.alias("dedupe_status")).drop(
+        "_last", "_win_hash", "_l_hash", "_l_edit", "_l_ts", "_a_edit")
+
+
+def dedupe(parts: list[Path], *, facts: pl.LazyFrame, applied: pl.LazyFrame,
+           accepted_out: Path, duplicates_out: Path, batch: str | None) -> DedupeResult:
+    """Classify the staged parts and write accepted and non-accepted records (two sinks
+    over one lazy plan). ``accepted_out`` keeps the internal dedupe columns, for the ledger."""
+    accepted_out.parent.mkdir(parents=True, exist_ok=True)
+    if not parts:
+        empty = pl.DataFrame(schema={**BATCH_SCHEMA, "batch": pl.String})
+        empty.write_parquet(accepted_out)
+        empty.with_columns(pl.lit(None, pl.String).alias("dedupe_status")).write_parquet(
+            duplicates_out)
+        return DedupeResult(0, {s: 0 for s in STATUSES[1:]})
+    lf = classify(pl.scan_parquet([str(p) for p in parts]), facts, applied)
+    acc = (lf.filter(pl.col("dedupe_status") == "accepted").drop("dedupe_status")
+           .with_columns(pl.lit(batch, pl.String).alias("batch")).sort("fact_id"))
+    dup = lf.filter(pl.col("dedupe_status") != "accepted")
+    pl.collect_all([acc.sink_parquet(accepted_out, lazy=True),
+                    dup.sink_parquet(duplicates_out, lazy=True)])
+    n_acc = pl.scan_parquet(accepted_out).select(pl.len()).collect().item()
+    counts = dict(pl.scan_parquet(duplicates_out).group_by("dedupe_status").len().collect()
+                  .iter_rows())
+    return DedupeResult(n_acc, {s: int(counts.get(s, 0)) for s in STATUSES[1:]})
+
+
+def batch_columns() -> list[str]:
+    """Columns of a published batch file, in order."""
+    return [*BATCH_SCHEMA, "batch"]
