@@ -1,0 +1,245 @@
+"""The adapter set: blocks of edits as safetensors weights beside a manifest.json.
+
+On disk (peft style)::
+
+    manifest.json          format version, base model id and fingerprint, method,
+                           layers, per block: facts, training run, data version;
+                           the sha256 of the weights file
+    adapter.safetensors    blocks.<i>.layers.<L>.{R,W,b,G,c}  (BaFT / ReFT)
+                           blocks.<i>.layers.<L>.{lora_A,lora_B} (LoRA baseline)
+                           blocks.<i>.owner: the fact index of every basis
+
+Loading never unpickles anything. A save is atomic: the directory is written
+beside its destination and swapped in with a rename, so a crash leaves the old
+set or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attach import AttachHandle, attach_interventions, decoder_layers
+from .baft import BaFTIntervention
+from .models import fingerprint
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "adapter.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter set that cannot be loaded or attached."""
+
+
+@dataclass
+class Block:
+    """One training run's edits: interventions per layer, or LoRA weights per layer."""
+    fact_ids: list[str]
+    interventions: dict[int, BaFTIntervention] = field(default_factory=dict)
+    lora: dict[int, dict] = field(default_factory=dict)   # {layer: {"A", "B", "scale"}}
+    owner: torch.Tensor | None = None                      # fact index of each basis
+    block_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    training_run: str | None = None
+    data_version: str | None = None
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.interventions or self.lora)
+
+
+@dataclass
+class AdapterSet:
+    base_model: str
+    base_fingerprint: str
+    method: str
+    blocks: list[Block] = field(default_factory=list)
+
+    # -- building -------------------------------------------------------------
+    @classmethod
+    def for_model(cls, model, method: str) -> "AdapterSet":
+        return cls(base_model=str(getattr(model.config, "name_or_path", "")),
+                   base_fingerprint=fingerprint(model), method=method)
+
+    def add_block(self, block: Block) -> Block:
+        self.blocks.append(block)
+        return block
+
+    @property
+    def fact_ids(self) -> list[str]:
+        return [f for b in self.blocks for f in b.fact_ids]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({L for b in self.blocks for L in b.layers})
+
+    def interventions(self) -> dict[int, nn.Module]:
+        """Per layer, every block's bases stacked into one module (one matmul)."""
+        out = {}
+        for L in self.layers:
+            parts = [b.interventions[L] for b in self.blocks if L in b.interventions]
+            if parts:
+                out[L] = parts[0] if len(parts) == 1 else BaFTIntervention.stack(parts)
+        return out
+
+    # -- attaching ------------------------------------------------------------
+    def check_base(self, model) -> None:
+        found = fingerprint(model)
+        if found != self.base_fingerprint:
+            raise AdapterError(
+                f"this adapter set was trained on base model {self.base_model!r} "
+                f"(fingerprint {self.base_fingerprint}); the model given has fingerprint "
+                f"{found}. Load the same base model to use it.")
+
+    def attach(self, model, check: bool = True) -> AttachHandle:
+        """Attach every block to ``model``; ``handle.remove()`` detaches them."""
+        if check:
+            self.check_base(model)
+        device = next(model.parameters()).device
+        if self.method == "lora":
+            return _attach_lora(model, self.blocks, device)
+        return attach_interventions(model, {L: m.to(device) for L, m in self.interventions().items()})
+
+    # -- saving and loading ---------------------------------------------------
+    def manifest(self) -> dict:
+        blocks = []
+        for b in self.blocks:
+            first = next(iter(b.interventions.values()), None)
+            blocks.append({
+                "block_id": b.block_id, "facts": b.fact_ids, "layers": b.layers,
+                "rank": first.rank if first is not None else None,
+                "gate": first.config() if first is not None else None,
+                "lora_scale": {str(L): v["scale"] for L, v in b.lora.items()} or None,
+                "training_run": b.training_run, "data_version": b.data_version,
+                "created_at": b.created_at, "stats": b.stats,
+            })
+        return {"format_version": FORMAT_VERSION, "method": self.method,
+                "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
+                "layers": self.layers, "positions": "all", "blocks": blocks}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, b in enumerate(self.blocks):
+            for L, iv in b.interventions.items():
+                for name in ("R", "W", "b", "G", "c"):
+                    out[f"blocks.{i}.layers.{L}.{name}"] = getattr(iv, name).detach().cpu().contiguous()
+            for L, lw in b.lora.items():
+                out[f"blocks.{i}.layers.{L}.lora_A"] = lw["A"].detach().cpu().contiguous()
+                out[f"blocks.{i}.layers.{L}.lora_B"] = lw["B"].detach().cpu().contiguous()
+            if b.owner is not None:
+                out[f"blocks.{i}.owner"] = b.owner.to(torch.int64).cpu().contiguous()
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            save_file(self.tensors(), str(staging / WEIGHTS), metadata={"format": "ledit-adapter-set"})
+            manifest = self.manifest()
+            manifest["weights"] = {"file": WEIGHTS, "sha256": _sha256(staging / WEIGHTS)}
+            _write_json(staging / MANIFEST, manifest)
+            _swap_in(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "AdapterSet":
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.exists():
+            raise AdapterError(f"{directory}: no {MANIFEST}; not an adapter set")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"{path}: corrupt manifest ({exc.msg})") from exc
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise AdapterError(f"{path}: format version {manifest.get('format_version')!r} "
+                               f"is not {FORMAT_VERSION}")
+        weights = directory / manifest["weights"]["file"]
+        if not weights.exists():
+            raise AdapterError(f"{directory}: weights file {weights.name} is missing")
+        digest = _sha256(weights)
+        if digest != manifest["weights"]["sha256"]:
+            raise AdapterError(f"{weights}: checksum mismatch (manifest {manifest['weights']['sha256']}, "
+                               f"file {digest}); the adapter file is corrupted")
+        tensors = load_file(str(weights))
+        out = cls(manifest["base_model"], manifest["base_fingerprint"], manifest["method"])
+        for i, meta in enumerate(manifest["blocks"]):
+            block = Block(fact_ids=list(meta["facts"]), block_id=meta["block_id"],
+                          training_run=meta.get("training_run"), data_version=meta.get("data_version"),
+                          created_at=meta.get("created_at", ""), stats=meta.get("stats") or {},
+                          owner=tensors.get(f"blocks.{i}.owner"))
+            for L in meta["layers"]:
+                prefix = f"blocks.{i}.layers.{L}."
+                if manifest["method"] == "lora":
+                    block.lora[L] = {"A": tensors[prefix + "lora_A"], "B": tensors[prefix + "lora_B"],
+                                     "scale": float(meta["lora_scale"][str(L)])}
+                    continue
+                g = meta["gate"]
+                iv = BaFTIntervention(g["hidden_size"], g["rank"], g["gated"], g["sharpness"], g["threshold"])
+                with torch.no_grad():
+                    for name in ("R", "W", "b", "G", "c"):
+                        getattr(iv, name).copy_(tensors[prefix + name])
+                iv.requires_grad_(False)
+                block.interventions[L] = iv
+            out.blocks.append(block)
+        return out
+
+
+def _attach_lora(model, blocks: list[Block], device) -> AttachHandle:
+    layers = decoder_layers(model)
+    handle = AttachHandle()
+    for b in blocks:
+        for L, lw in b.lora.items():
+            A, B, scale = lw["A"].to(device), lw["B"].to(device), lw["scale"]
+
+            def hook(module, args, output, A=A, B=B, scale=scale):
+                x = args[0]
+                return output + scale * ((x.to(A.dtype) @ A.T) @ B.T).to(output.dtype)
+            handle.hooks.append(layers[L].mlp.down_proj.register_forward_hook(hook))
+    return handle
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Replace ``directory`` by ``staging`` so readers see the old or the new, whole."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(directory, old)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

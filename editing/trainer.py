@@ -1,0 +1,407 @@
+"""Training one block of edits: BaFT, its ReFT switch, and the FT-L style LoRA baseline.
+
+What a training run sees for each fact:
+- positives: the prompt, and the same prompt behind short prefixes the base model
+  wrote itself (ROME/WISE style), each followed by ``target_new``;
+- hard negatives: the fact's prompt with its subject swapped for other subjects,
+  and the other facts of the batch;
+- easy negatives: generic text.
+
+The loss is the edit loss (cross-entropy on the target tokens), plus a locality
+regulariser that pushes every basis weight toward 0 on the negatives and toward 1
+on its own fact's subject, plus BaFT's load-balancing loss over the bases.
+
+Hidden states below the first intervened layer are frozen, so they are computed
+once and every step runs only the layers above it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attach import attach_interventions, decoder_layers
+from .baft import BaFTIntervention
+from .facts import Fact, normalise
+
+# Used as swapped-in subjects when a batch has too few subjects of its own.
+FALLBACK_SUBJECTS = (
+    "Albert Einstein", "Toyota", "the Amazon River", "Marie Curie", "Nintendo",
+    "Buenos Aires", "Pablo Picasso", "the BBC", "Mount Kilimanjaro", "Beyoncé",
+    "Microsoft Windows", "the Roman Empire", "Serena Williams", "Lake Baikal",
+    "Johann Sebastian Bach", "IKEA", "Vladimir Nabokov", "the Golden Gate Bridge",
+)
+GENERIC_TEXT = (
+    "The weather today is mild with a light breeze from the west.",
+    "She opened the window and listened to the rain for a while.",
+    "Add two cups of flour and stir until the batter is smooth.",
+    "The meeting was moved to Thursday afternoon at three o'clock.",
+    "Many people enjoy reading a good book before going to sleep.",
+    "The train to the coast leaves every hour from platform four.",
+    "He wrote a short letter to thank his neighbours for their help.",
+    "Prices of fresh vegetables rose slightly during the winter months.",
+)
+PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When", "This", "A")
+# Model families whose decoder can be resumed from a cached residual stream by
+# passing it as ``inputs_embeds`` to the model with its lower layers sliced off.
+_RESUMABLE = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3")
+
+
+@dataclass
+class Encoded:
+    """A padded batch of token sequences with the positions the losses read."""
+    ids: torch.Tensor          # (n, T) right-padded
+    lengths: torch.Tensor      # (n,)
+    fact: torch.Tensor         # (n,) index of the fact, -1 for generic text
+    target_mask: torch.Tensor  # (n, T) positions whose *next* token is a target token
+    subject_pos: torch.Tensor  # (n,) position of the subject's last token, -1 if none
+
+
+def _subject_last_token(tokenizer, text: str, subject: str) -> int:
+    start = text.rfind(subject)
+    if start < 0:
+        lowered = text.lower().rfind(subject.lower())
+        start = lowered
+    if start < 0:
+        return -1
+    end = start + len(subject)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    last = -1
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if a < end and b > start and b > a:
+            last = i
+    return last
+
+
+def encode(tokenizer, items: list[tuple[str, str | None, str | None, int]]) -> Encoded:
+    """items: (prompt, target or None, subject or None, fact index)."""
+    rows, masks, subj = [], [], []
+    for prompt, target, subject, _ in items:
+        p_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + " " + target)["input_ids"] if target else p_ids
+        mask = [0] * len(ids)
+        for t in range(len(p_ids), len(ids)):
+            mask[t - 1] = 1
+        rows.append(ids)
+        masks.append(mask)
+        subj.append(_subject_last_token(tokenizer, prompt, subject) if subject else -1)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    tmask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, : len(r)] = torch.tensor(r)
+        tmask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return Encoded(ids, torch.tensor([len(r) for r in rows]),
+                   torch.tensor([it[3] for it in items]), tmask, torch.tensor(subj))
+
+
+@torch.no_grad()
+def residual_at(model, ids: torch.Tensor, layer: int, chunk: int = 64) -> torch.Tensor:
+    """Hidden states entering decoder ``layer`` for right-padded ``ids``."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(ids), chunk):
+        part = ids[i:i + chunk].to(device)
+        hs = model(input_ids=part, output_hidden_states=True, use_cache=False).hidden_states
+        out.append(hs[layer].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def model_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[str]:
+    """Short random contexts written by the base model (as ROME and WISE do)."""
+    if n <= 0:
+        return []
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    starters = [PREFIX_STARTERS[i % len(PREFIX_STARTERS)] for i in range(n)]
+    enc = tokenizer(starters, return_tensors="pt", padding=True).to(device)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    out = model.generate(**enc, max_new_tokens=length, do_sample=True, top_k=5,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [" ".join((s + t).split()).strip() + "." for s, t in zip(starters, texts)]
+
+
+class _Trunk:
+    """Runs the decoder from a cached residual stream at ``start`` upward."""
+
+    def __init__(self, model, start: int):
+        self.model, self.start = model, start
+        self.resumable = getattr(model.config, "model_type", "") in _RESUMABLE and start > 0
+
+    def states(self, ids: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states for every position."""
+        inner = self.model.model
+        if not self.resumable:
+            return inner(input_ids=ids, use_cache=False).last_hidden_state
+        full = inner.layers
+        inner.layers = nn.ModuleList(list(full)[self.start:])
+        try:
+            return inner(inputs_embeds=cached.to(self.model.dtype), use_cache=False).last_hidden_state
+        finally:
+            inner.layers = full
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    seconds: float
+    final_loss: float
+    stopped_early: bool
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _positive_items(facts: list[Fact], prefixes: list[str]) -> list[tuple]:
+    items = []
+    for i, f in enumerate(facts):
+        for ctx in [""] + prefixes:
+            items.append(((ctx + " " + f.prompt).strip(), f.target_new, f.subject, i))
+    return items
+
+
+def _negative_items(facts: list[Fact], swaps: int, rng: random.Random) -> list[tuple]:
+    items = []
+    subjects = list(dict.fromkeys(f.subject for f in facts))
+    for i, f in enumerate(facts):
+        others = [s for s in subjects if normalise(s) != normalise(f.subject)]
+        pool = others + [s for s in FALLBACK_SUBJECTS if normalise(s) != normalise(f.subject)]
+        chosen = rng.sample(others, min(swaps, len(others)))
+        chosen += rng.sample(pool[len(others):], swaps - len(chosen))
+        for other in chosen:
+            if f.subject in f.prompt:
+                items.append((f.prompt.replace(f.subject, other), None, other, i))
+    for text in GENERIC_TEXT:
+        items.append((text, None, None, -1))
+    return items
+
+
+def train_block(model, tokenizer, facts: list[Fact], params: dict,
+                existing: dict[int, nn.Module] | None = None, progress: bool = True):
+    """Train one block of interventions that makes ``model`` state ``facts``.
+
+    ``params`` is the ``edit`` section of params.yaml. ``existing`` is the
+    adapter set already in production, attached (frozen) while this block
+    learns on top of it. Returns ``({layer: BaFTIntervention}, TrainReport)``.
+    """
+    method = params["method"]
+    if method == "lora":
+        return train_lora(model, tokenizer, facts, params, existing, progress)
+    t0 = time.perf_counter()
+    _seed_all(params["seed"])
+    rng = random.Random(params["seed"])
+    device = next(model.parameters()).device
+    layers = sorted(params["layers"])
+    start = layers[0]
+    cfg = params["baft"]
+    gated = method == "baft"
+
+    prefixes = model_prefixes(model, tokenizer, cfg["prefixes"], cfg["prefix_tokens"], params["seed"])
+    pos = encode(tokenizer, _positive_items(facts, prefixes))
+    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng))
+    with _attached(model, existing):
+        pos_h = residual_at(model, pos.ids, start)
+        neg_h = residual_at(model, neg.ids, start)
+
+    n_facts, per = len(facts), cfg["bases_per_edit"]
+    rank = n_facts * per
+    owner = torch.arange(n_facts).repeat_interleave(per)          # fact of each basis
+    hidden = model.config.hidden_size
+    block = {L: BaFTIntervention(hidden, rank, gated, cfg["sharpness"], cfg["threshold"]).to(device)
+             for L in layers}
+    # Keys: the subject's last token in the plain prompt, then in prefixed variants.
+    n_var = 1 + len(prefixes)
+    key_rows = []
+    for i in range(n_facts):
+        for j in range(per):
+            row = i * n_var + (j % n_var)
+            p = int(pos.subject_pos[row])
+            key_rows.append(pos_h[row, p if p >= 0 else int(pos.lengths[row]) - 1 - int(pos.target_mask[row].sum())])
+    keys = torch.stack(key_rows)
+    for L, iv in block.items():
+        iv.init_keys(keys if L == start else keys)  # same key stream; deeper layers learn their own
+        with torch.no_grad():
+            iv.W.copy_(iv.R)  # Phi(h) = h at initialisation
+
+    # Gate supervision only reads the frozen residual at the first layer.
+    gate_iv = block[start]
+    neg_owner_mask = _negative_mask(neg, owner, pos_h.device)
+    pos_rows = torch.arange(len(pos.ids))
+    pos_subj = pos.subject_pos.clone()
+    fallback = pos.lengths - 1 - pos.target_mask.sum(1)
+    pos_subj[pos_subj < 0] = fallback[pos_subj < 0]
+    own = (owner.unsqueeze(0) == pos.fact.unsqueeze(1)).to(device)   # (n_pos, rank)
+
+    trainable = [p for iv in block.values() for p in iv.parameters()]
+    if not gated:
+        trainable = [p for iv in block.values() for n, p in iv.named_parameters() if n in ("R", "W", "b")]
+    opt = torch.optim.Adam(trainable, lr=params["lr"])
+    trunk = _Trunk(model, start)
+    steps, batch = params["steps"], params["batch_size"]
+    w = params["loss_weights"]
+    order = list(range(len(pos.ids)))
+    rng.shuffle(order)
+    cursor, loss_value, stopped = 0, math.nan, False
+    bar = _progress(steps, progress, f"{method} x{n_facts}")
+    step = 0
+    with _attached(model, existing), _attached(model, block):
+        for step in range(1, steps + 1):
+            if cursor + batch > len(order):
+                rng.shuffle(order)
+                cursor = 0
+            rows = torch.tensor(order[cursor:cursor + batch])
+            cursor += batch
+            width = int(pos.lengths[rows].max())
+            ids = pos.ids[rows, :width].to(device)
+            states = trunk.states(ids, pos_h[rows, :width])
+            tmask = pos.target_mask[rows, :width].to(device)
+            logits = model.lm_head(states[tmask]).float()
+            edit_loss = F.cross_entropy(logits, _next_tokens(ids, tmask))
+            loss = w["edit"] * edit_loss
+            if gated:
+                s_pos = gate_iv.weights(pos_h[pos_rows, pos_subj])              # (n_pos, rank)
+                gate_pos = -(torch.log(s_pos.clamp_min(1e-6)) * own).sum() / own.sum()
+                s_neg = gate_iv.weights(neg_h)                                   # (n_neg, T, rank)
+                valid = (torch.arange(neg_h.shape[1], device=device)[None, :] < neg.lengths[:, None].to(device))
+                s_neg = (s_neg * valid[..., None]).amax(1)                       # worst position
+                gate_neg = -(torch.log((1 - s_neg).clamp_min(1e-6)) * neg_owner_mask).sum() / neg_owner_mask.sum().clamp_min(1)
+                # Other facts' own prompts are negatives too (unless same subject).
+                s_cross = gate_iv.weights(pos_h[pos_rows, pos_subj])
+                cross = ~own & _different_subject(pos.fact, owner, facts).to(device)
+                gate_cross = -(torch.log((1 - s_cross).clamp_min(1e-6)) * cross).sum() / cross.sum().clamp_min(1)
+                usage = s_pos.mean(0)
+                balance = rank * ((usage / usage.sum().clamp_min(1e-6)) ** 2).sum() - 1
+                loss = loss + w["gate_positive"] * gate_pos + w["gate_negative"] * (gate_neg + gate_cross) \
+                    + w["balance"] * balance
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for iv in block.values():
+                iv.orthonormalise()
+            loss_value = float(loss)
+            bar.set_postfix(loss=f"{loss_value:.3f}", edit=f"{float(edit_loss):.3f}")
+            bar.update(1)
+            if step % params["early_stop"]["check_every"] == 0 and _all_learned(
+                    model, trunk, pos, pos_h, n_var, params["early_stop"]["min_target_prob"], device):
+                stopped = True
+                break
+    bar.close()
+    for iv in block.values():
+        iv.requires_grad_(False)
+    return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
+
+
+def _next_tokens(ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
+    shifted = torch.roll(ids, -1, dims=1)
+    return shifted[tmask]
+
+
+def _different_subject(fact_of_row: torch.Tensor, owner: torch.Tensor, facts: list[Fact]) -> torch.Tensor:
+    keys = [normalise(f.subject) for f in facts]
+    out = torch.ones(len(fact_of_row), len(owner), dtype=torch.bool)
+    for r, fi in enumerate(fact_of_row.tolist()):
+        for k, o in enumerate(owner.tolist()):
+            if fi >= 0 and keys[fi] == keys[o]:
+                out[r, k] = False
+    return out
+
+
+def _negative_mask(neg: Encoded, owner: torch.Tensor, device) -> torch.Tensor:
+    """(n_neg, rank): which bases must stay closed on which negative."""
+    m = torch.zeros(len(neg.fact), len(owner), dtype=torch.bool)
+    for r, fi in enumerate(neg.fact.tolist()):
+        # Generic text closes every basis; a subject-swapped prompt closes its
+        # own fact's bases (the swapped-in subject may be another fact's).
+        m[r] = True if fi < 0 else owner == fi
+    return m.float().to(device)
+
+
+@torch.no_grad()
+def _all_learned(model, trunk, pos: Encoded, pos_h, n_var, min_prob, device) -> bool:
+    rows = torch.arange(0, len(pos.ids), n_var)   # the plain prompts
+    width = int(pos.lengths[rows].max())
+    ids = pos.ids[rows, :width].to(device)
+    states = trunk.states(ids, pos_h[rows, :width])
+    tmask = pos.target_mask[rows, :width].to(device)
+    probs = model.lm_head(states[tmask]).float().softmax(-1)
+    target = _next_tokens(ids, tmask)
+    p = probs.gather(1, target[:, None]).squeeze(1)
+    return bool((p >= min_prob).all() and (probs.argmax(-1) == target).all())
+
+
+@contextlib.contextmanager
+def _attached(model, interventions):
+    if not interventions:
+        yield None
+        return
+    handle = attach_interventions(model, interventions)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
+
+
+# -- the FT-L style LoRA baseline -------------------------------------------------
+def train_lora(model, tokenizer, facts, params, existing=None, progress=True):
+    """LoRA (peft) on the MLP down-projection of the edit layers, edit loss only."""
+    from peft import LoraConfig, get_peft_model
+
+    t0 = time.perf_counter()
+    _seed_all(params["seed"])
+    rng = random.Random(params["seed"])
+    device = next(model.parameters()).device
+    layers = sorted(params["layers"])
+    cfg = params["lora"]
+    pos = encode(tokenizer, _positive_items(facts, []))
+    pos_h = residual_at(model, pos.ids, layers[0])
+    names = [f"model.layers.{L}.mlp.down_proj" for L in layers]
+    peft_model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"],
+                                                  target_modules=names, lora_dropout=0.0))
+    opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=cfg["lr"])
+    trunk = _Trunk(model, layers[0])
+    order = list(range(len(pos.ids)))
+    bar = _progress(params["steps"], progress, f"lora x{len(facts)}")
+    loss_value, step = math.nan, 0
+    try:
+        for step in range(1, params["steps"] + 1):
+            rows = torch.tensor(rng.sample(order, min(params["batch_size"], len(order))))
+            width = int(pos.lengths[rows].max())
+            ids = pos.ids[rows, :width].to(device)
+            states = trunk.states(ids, pos_h[rows, :width])
+            tmask = pos.target_mask[rows, :width].to(device)
+            loss = F.cross_entropy(model.lm_head(states[tmask]).float(), _next_tokens(ids, tmask))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_value = float(loss)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            bar.update(1)
+        weights = {}
+        for L, name in zip(layers, names):
+            mod = peft_model.get_submodule("base_model.model." + name)
+            weights[L] = {"A": mod.lora_A["default"].weight.detach().clone(),
+                          "B": mod.lora_B["default"].weight.detach().clone(),
+                          "scale": float(mod.scaling["default"])}
+    finally:
+        bar.close()
+        peft_model.unload()  # restores the bare base model in place
+    return weights, TrainReport(step, time.perf_counter() - t0, loss_value, False)
+
+
+__all__ = ["train_block", "train_lora", "encode", "residual_at", "decoder_layers"]

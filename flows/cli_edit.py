@@ -1,0 +1,87 @@
+"""Engine commands: edit, eval, generate."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+FACTS_HELP = ("FACTS are files of fact updates: the project's JSONL schema, or EasyEdit "
+              "CounterFact / MEND zsRE / KnowEdit JSON files as they are.")
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.command("edit", help="Edit FACTS into a new adapter set at --out.\n\n" + FACTS_HELP)
+@click.argument("facts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the new adapter set.")
+@click.option("--model", "model_name", default=None, help="HF directory or cached hub id (default: params.yaml, the embedded SmolLM2).")
+@click.option("--method", type=click.Choice(["baft", "reft", "lora"]), default=None, help="Default: params.yaml edit.method.")
+@click.option("--base-adapter", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Extend this adapter set: train the new block with it attached.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def edit_cmd(facts, out, model_name, method, base_adapter, quiet):
+    from editing import AdapterError, FactError
+    from tasks.edit import train_adapter_set
+
+    try:
+        adapter_set = train_adapter_set(list(facts), out, model_name=model_name, method=method,
+                                        base_adapter=base_adapter, progress=not quiet)
+    except (FactError, AdapterError) as exc:
+        _fail(exc)
+    block = adapter_set.blocks[-1]
+    click.echo(f"edited {len(block.fact_ids)} facts in {block.stats['seconds']:.1f}s "
+               f"({block.stats['steps']} steps) -> {out} [{adapter_set.method}, "
+               f"{len(adapter_set.blocks)} block(s), layers {adapter_set.layers}]")
+
+
+@click.command("eval", help="Evaluate ADAPTER_DIR on FACTS (use 'none' for the unedited model).\n\n" + FACTS_HELP)
+@click.argument("adapter_dir")
+@click.argument("facts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_name", default=None, help="Base model (default: the one the adapter set names).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the means and per-fact rows.")
+def eval_cmd(adapter_dir, facts, model_name, as_json):
+    from editing import AdapterError, FactError
+    from tasks.edit import evaluate_adapter_set
+
+    try:
+        result = evaluate_adapter_set(None if adapter_dir == "none" else adapter_dir, list(facts),
+                                      model_name=model_name)
+    except (FactError, AdapterError) as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{adapter_dir}: {len(result['per_fact'])} facts")
+    for name in result["means"]:
+        table.add_column(name, justify="right")
+    table.add_row(*("-" if v is None else f"{v:.3f}" for v in result["means"].values()))
+    Console().print(table)
+
+
+@click.command("generate", help="Print the edited model's greedy continuation of PROMPT.")
+@click.argument("adapter_dir")
+@click.argument("prompt")
+@click.option("--model", "model_name", default=None)
+@click.option("--max-new-tokens", default=24, show_default=True)
+def generate_cmd(adapter_dir, prompt, model_name, max_new_tokens):
+    from editing import AdapterError
+    from tasks.edit import generate_with_adapter_set
+
+    try:
+        text = generate_with_adapter_set(None if adapter_dir == "none" else adapter_dir, [prompt],
+                                         model_name=model_name, max_new_tokens=max_new_tokens)[0]
+    except AdapterError as exc:
+        _fail(exc)
+    click.echo(prompt + text)
+
+
+def add_commands(group: click.Group) -> None:
+    for command in (edit_cmd, eval_cmd, generate_cmd):
+        group.add_command(command)

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline settings, a tiny random Llama, the embedded tokenizer and model."""
+import os
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "true",
+               "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from editing.models import embedded_model_dir, prepare_tokenizer
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(embedded_model_dir()))
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    model.config.name_or_path = f"tiny-llama-seed{seed}"
+    return model
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    return make_tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from editing import load_model
+    return load_model()
