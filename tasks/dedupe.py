@@ -37,12 +37,18 @@ class DedupeResult:
         return sum(self.counts.values())
 
 
-def classify(staged: pl.LazyFrame, facts: pl.LazyFrame, applied: pl.LazyFrame) -> pl.LazyFrame:
-    """Add ``dedupe_status`` to every staged record (see the module doc)."""
+KEY_COLUMNS = ["fact_id", "record_hash", "_edit_key", "_order_ts", "_seq", "source_record"]
+ROW_ID = ["_seq", "source_record"]     # unique per staged record: file order, record number
+
+
+def classify(keys: pl.LazyFrame, facts: pl.LazyFrame, applied: pl.LazyFrame) -> pl.LazyFrame:
+    """``dedupe_status`` for every staged record (see the module doc), from its keys only:
+    returns ``_seq``, ``source_record`` and ``dedupe_status``."""
     seen = facts.select("fact_id", pl.col("record_hash").alias("_l_hash"),
                         pl.col("edit_key").alias("_l_edit"), pl.col("order_ts").alias("_l_ts"))
     done = applied.select("fact_id", pl.col("edit_key").alias("_a_edit"))
-    lf = (staged.sort(["fact_id", "_order_ts", "_seq", "source_record"])
+    lf = (keys.select(KEY_COLUMNS)
+          .sort(["fact_id", "_order_ts", "_seq", "source_record"])
           .with_columns(pl.col("fact_id").is_last_distinct().alias("_last"),
                         pl.col("record_hash").last().over("fact_id").alias("_win_hash"))
           .join(seen, on="fact_id", how="left")
@@ -57,14 +63,18 @@ def classify(staged: pl.LazyFrame, facts: pl.LazyFrame, applied: pl.LazyFrame) -
                     & (pl.col("_l_edit").is_null() | (pl.col("_l_edit") == pl.col("_a_edit"))))
               .then(pl.lit("already_applied"))
               .otherwise(pl.lit("accepted")))
-    return lf.with_columns(status.alias("dedupe_status")).drop(
-        "_last", "_win_hash", "_l_hash", "_l_edit", "_l_ts", "_a_edit")
+    return lf.select(*ROW_ID, status.alias("dedupe_status"))
 
 
 def dedupe(parts: list[Path], *, facts: pl.LazyFrame, applied: pl.LazyFrame,
            accepted_out: Path, duplicates_out: Path, batch: str | None) -> DedupeResult:
-    """Classify the staged parts and write accepted and non-accepted records (two sinks
-    over one lazy plan). ``accepted_out`` keeps the internal dedupe columns, for the ledger."""
+    """Classify the staged parts and write accepted and non-accepted records.
+
+    Memory stays bounded: the statuses are computed on the key columns alone, then the
+    full records stream from the staged Parquet parts through a join on the small status
+    table into two Parquet sinks (one lazy plan, the streaming engine). ``accepted_out``
+    keeps the internal dedupe columns, for the facts ledger.
+    """
     accepted_out.parent.mkdir(parents=True, exist_ok=True)
     if not parts:
         empty = pl.DataFrame(schema={**BATCH_SCHEMA, "batch": pl.String})
@@ -72,15 +82,17 @@ def dedupe(parts: list[Path], *, facts: pl.LazyFrame, applied: pl.LazyFrame,
         empty.with_columns(pl.lit(None, pl.String).alias("dedupe_status")).write_parquet(
             duplicates_out)
         return DedupeResult(0, {s: 0 for s in STATUSES[1:]})
-    lf = classify(pl.scan_parquet([str(p) for p in parts]), facts, applied)
+    files = [str(p) for p in parts]
+    status = classify(pl.scan_parquet(files), facts, applied).collect(engine="streaming")
+    lf = pl.scan_parquet(files).join(status.lazy(), on=ROW_ID, how="left",
+                                     maintain_order="left")
     acc = (lf.filter(pl.col("dedupe_status") == "accepted").drop("dedupe_status")
-           .with_columns(pl.lit(batch, pl.String).alias("batch")).sort("fact_id"))
+           .with_columns(pl.lit(batch, pl.String).alias("batch")))
     dup = lf.filter(pl.col("dedupe_status") != "accepted")
     pl.collect_all([acc.sink_parquet(accepted_out, lazy=True),
-                    dup.sink_parquet(duplicates_out, lazy=True)])
-    n_acc = pl.scan_parquet(accepted_out).select(pl.len()).collect().item()
-    counts = dict(pl.scan_parquet(duplicates_out).group_by("dedupe_status").len().collect()
-                  .iter_rows())
+                    dup.sink_parquet(duplicates_out, lazy=True)], engine="streaming")
+    counts = dict(status.group_by("dedupe_status").len().iter_rows())
+    n_acc = int(counts.pop("accepted", 0))
     return DedupeResult(n_acc, {s: int(counts.get(s, 0)) for s in STATUSES[1:]})
 
 

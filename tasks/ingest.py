@@ -142,22 +142,12 @@ def _drain_inbox(j: dict) -> None:
                 pass
 
 
-def _stage(home: Home, j: dict, fault: str | None) -> dict:
-    """Validate every claimed file chunk by chunk, write the quarantine, deduplicate."""
-    import polars as pl
+def _validate_files(j: dict, parts_dir: Path, received_at: datetime, per_file: dict):
+    """Validate every claimed file chunk by chunk; good rows go to Parquet parts."""
+    from tasks import sources, validate
 
-    from tasks import dedupe, ledger, sources, validate, version
-
-    t0 = time.perf_counter()
-    _drain_inbox(j)
-    run_dir = home.run_dir(j["run_id"])
-    parts_dir = run_dir / "parts"
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir(parents=True)
-    received_at = datetime.fromisoformat(j["received_at"])
     bad_frames, parts = [], []
     records_in = 0
-    per_file = {}
     for f in j["files"]:
         stats = per_file.setdefault(f["name"], {"records": 0, "quarantined": 0})
         if f["skipped"]:
@@ -172,13 +162,34 @@ def _stage(home: Home, j: dict, fault: str | None) -> dict:
             records_in += len(chunk)
             stats["records"] += len(chunk)
             stats["quarantined"] += bad.height
+            del chunk
             if bad.height:
                 bad_frames.append(bad)
             if good.height:
                 part = parts_dir / f"part-{f['seq']:05d}-{n:05d}.parquet"
                 good.write_parquet(part)
                 parts.append(part)
+    return parts, bad_frames, records_in
+
+
+def _stage(home: Home, j: dict, fault: str | None) -> dict:
+    """Validate every claimed file chunk by chunk, write the quarantine, deduplicate."""
+    import polars as pl
+
+    from tasks import dedupe, ledger, sources, validate, version
+
+    t0 = time.perf_counter()
+    _drain_inbox(j)
+    run_dir = home.run_dir(j["run_id"])
+    parts_dir = run_dir / "parts"
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True)
+    received_at = datetime.fromisoformat(j["received_at"])
+    per_file: dict = {}
+    with sources.gc_paused():
+        parts, bad_frames, records_in = _validate_files(j, parts_dir, received_at, per_file)
     t_validate = time.perf_counter() - t0
+    rss_validate = _peak_rss_mb()
 
     quarantined = sum(b.height for b in bad_frames)
     qfile = None
@@ -200,8 +211,11 @@ def _stage(home: Home, j: dict, fault: str | None) -> dict:
     if records_in != res.accepted + res.duplicates + quarantined:
         raise IngestError(f"records do not add up: {records_in} in, {res.accepted} accepted, "
                           f"{res.duplicates} duplicates, {quarantined} quarantined")
-    for name, col in (("accepted", accepted_path), ("duplicates", duplicates_path)):
+    for name, col, want in (("accepted", accepted_path, res.accepted),
+                            ("duplicates", duplicates_path, res.duplicates)):
         counts = dict(pl.scan_parquet(col).group_by("source_file").len().collect().iter_rows())
+        if sum(counts.values()) != want:
+            raise IngestError(f"{name} file holds {sum(counts.values())} records, not {want}")
         for fname, stats in per_file.items():
             stats[name] = int(counts.get(fname, 0))
     j.update({
@@ -211,7 +225,7 @@ def _stage(home: Home, j: dict, fault: str | None) -> dict:
         "per_file": per_file, "staged_batch": str(accepted_path),
     })
     j["timings"].update({"validate_s": round(t_validate, 3), "dedupe_s": round(t_dedupe, 3),
-                         "peak_rss_mb": _peak_rss_mb()})
+                         "peak_rss_validate_mb": rss_validate, "peak_rss_mb": _peak_rss_mb()})
     _checkpoint("after_stage", fault)
     return j
 
@@ -377,7 +391,8 @@ def _summarise(runs: list[dict], recovered: list[str], seconds: float) -> Ingest
             r.batches.append(j["batch"])
             r.batch, r.dvc_md5, r.commit = j["batch"], j.get("dvc_md5"), j.get("commit")
         for k, v in j.get("timings", {}).items():
-            r.timings[k] = v if k == "peak_rss_mb" else round(r.timings.get(k, 0) + v, 3)
+            r.timings[k] = (max(v, r.timings.get(k, 0)) if k.startswith("peak_rss")
+                            else round(r.timings.get(k, 0) + v, 3))
     return r
 
 

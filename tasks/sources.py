@@ -162,6 +162,9 @@ class RawChunk:
     records: list[int | None] = field(default_factory=list)
     raws: list[str] = field(default_factory=list)
     perrs: list[str | None] = field(default_factory=list)  # record-level reason, or None
+    #: values hold only JSON types (str, int, float, bool, None, list, dict); False for
+    #: Parquet, whose bytes values the fast list converters would take for strings
+    json_types: bool = True
 
     def add(self, obj, line, record, raw, perr=None):
         self.objs.append(obj if perr is None else {})
@@ -258,21 +261,63 @@ def _read_jsonl(path: Path, chunk_records: int) -> Iterator[RawChunk]:
                 clean = False
             if texts and texts[-1] == "":
                 texts.pop()
+            undecodable = set() if clean else _undecodable_lines(blines)
             chunk = RawChunk()
+            objs, lines, records, raws, perrs = (chunk.objs, chunk.lines, chunk.records,
+                                                 chunk.raws, chunk.perrs)
+            loads, errors = _loads, _JSON_ERRORS
             for i, text in enumerate(texts):
                 lineno += 1
-                if text.endswith("\r"):
+                if text[-1:] == "\r":
                     text = text[:-1]
-                if not text.strip():
+                if not text or text.isspace():
                     continue
                 record += 1
-                if not clean and _SURROGATE.search(text):
+                if i in undecodable:
                     chunk.add(None, lineno, record, _shown(text), _decode_reason(blines[i]))
                     continue
-                obj, perr = _parse_object(text)
-                chunk.add(obj, lineno, record, text, perr)
+                try:
+                    obj = loads(text)
+                    perr = None if obj.__class__ is dict else \
+                        f"expected a JSON object, got {_json_type(obj)}"
+                except errors as exc:
+                    obj, perr = None, f"malformed JSON: {exc}"
+                objs.append(obj if perr is None else {})
+                lines.append(lineno)
+                records.append(record)
+                raws.append(text)
+                perrs.append(perr)
             if len(chunk):
                 yield chunk
+
+
+def _undecodable_lines(blines: list[bytes]) -> set[int]:
+    """Indices of the lines that are not valid UTF-8."""
+    bad = set()
+    for i, b in enumerate(blines):
+        try:
+            b.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.add(i)
+    return bad
+
+
+class gc_paused:
+    """Pause Python's cyclic GC while building many small objects (dicts of parsed
+    records): collections over them cost more than the parsing. Reference counting still
+    frees everything; the GC is restored on exit."""
+
+    def __enter__(self):
+        import gc
+
+        self._was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        import gc
+
+        if self._was:
+            gc.enable()
 
 
 def _shown(text: str) -> str:
@@ -443,7 +488,7 @@ def _read_parquet(path: Path, chunk_records: int) -> Iterator[RawChunk]:
         batches = pf.iter_batches(batch_size=chunk_records)
         record = 0
         for batch in batches:
-            chunk = RawChunk()
+            chunk = RawChunk(json_types=False)
             for row in batch.to_pylist():
                 record += 1
                 obj = {k: v for k, v in row.items() if v is not None}

@@ -53,8 +53,7 @@ QUARANTINE_SCHEMA = {
 
 
 # -- Python side: pull fields out of parsed records --------------------------
-def _pair_error(name: str, i: int, key: str, value) -> str | None:
-    where = f"{name}[{i}].{key}{SEP}"
+def _string_error(where: str, value) -> str | None:
     if value is None:
         return where + "missing required field"
     if value.__class__ is not str:
@@ -66,31 +65,132 @@ def _pair_error(name: str, i: int, key: str, value) -> str | None:
     return None
 
 
-def _pairs(name: str, value) -> tuple[list | None, str | None]:
-    if not value:
-        return [], None
-    if value.__class__ is not list:
-        return None, f"{name}{SEP}expected a list of {{prompt, answer}}"
-    out = []
-    for i, item in enumerate(value):
+def _list_array(offsets: list[int], values, mask: list[bool]) -> pl.Series:
+    import pyarrow as pa
+
+    arr = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values,
+                                   mask=pa.array(mask, pa.bool_()))
+    return pl.from_arrow(arr)
+
+
+_REPHRASE_BAD = f"rephrase_prompts{SEP}expected a list of non-empty strings"
+
+
+def _rephrase_error(v) -> str | None:
+    """``fact_from_record``'s rule: absent/empty is ``[]``, one string is a list of one,
+    otherwise a list of non-empty strings. ``v`` has had a lone string wrapped already."""
+    if not v:
+        return None
+    if v.__class__ is not list:
+        return _REPHRASE_BAD
+    for x in v:
+        if x.__class__ is not str or not x.strip():
+            return _REPHRASE_BAD
+    return None
+
+
+def _pairs_error(name: str, v) -> str | None:
+    if not v:
+        return None
+    if v.__class__ is not list:
+        return f"{name}{SEP}expected a list of {{prompt, answer}}"
+    for i, item in enumerate(v):
         if item.__class__ is not dict:
-            return None, f"{name}{SEP}item {i} is not an object"
+            return f"{name}{SEP}item {i} is not an object"
         p, a = item.get("prompt"), item.get("answer")
-        err = _pair_error(name, i, "prompt", p) or _pair_error(name, i, "answer", a)
+        err = (_string_error(f"{name}[{i}].prompt{SEP}", p)
+               or _string_error(f"{name}[{i}].answer{SEP}", a))
         if err:
-            return None, err
-        out.append({"prompt": p, "answer": a})
-    return out, None
+            return err
+    return None
 
 
-def _rephrase(value) -> tuple[list | None, str | None]:
-    if not value:
-        return [], None
-    if value.__class__ is str:
-        value = [value]
-    if value.__class__ is list and all(x.__class__ is str and x.strip() for x in value):
-        return value, None
-    return None, f"rephrase_prompts{SEP}expected a list of non-empty strings"
+def _arrow_types():
+    import pyarrow as pa
+
+    pair = pa.struct([("prompt", pa.string()), ("answer", pa.string())])
+    return pa.list_(pa.string()), pa.list_(pair)
+
+
+def _fast_list(values: list, arrow_type) -> pl.Series | None:
+    """The column through pyarrow's C++ converter, or None if some row has a wrong type."""
+    import pyarrow as pa
+
+    try:
+        return pl.from_arrow(pa.array(values, type=arrow_type))
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+
+
+def _blank(e: pl.Expr) -> pl.Expr:
+    return e.is_null() | e.str.contains(_WS_ONLY)
+
+
+def rephrase_column(values: list, *, fast: bool = True) -> tuple[pl.Series, list[str | None]]:
+    """``rephrase_prompts`` as a List(String) column, and the error of each bad row.
+
+    Fast path: pyarrow converts the whole column and polars flags rows with a blank item;
+    only flagged rows (or, if a type is wrong somewhere, every row) are checked in Python,
+    which words the error exactly as ``fact_from_record`` does."""
+    import pyarrow as pa
+
+    vals = [([v] if v.__class__ is str else v) if v else [] for v in values]
+    col = _fast_list(vals, _arrow_types()[0]) if fast else None
+    if col is not None:
+        errs: list[str | None] = [None] * len(vals)
+        flagged = col.to_frame("r").select(
+            pl.col("r").list.eval(_blank(pl.element())).list.any().fill_null(False))["r"]
+        for i in flagged.arg_true().to_list():
+            errs[i] = _rephrase_error(vals[i])
+        return col, errs
+    flat: list[str] = []
+    offsets, mask, errs = [0], [], []
+    for v in vals:
+        err = _rephrase_error(v)
+        if v and err is None:
+            flat.extend(v)
+        errs.append(err)
+        mask.append(err is not None)
+        offsets.append(len(flat))
+    return _list_array(offsets, pa.array(flat, pa.string()), mask), errs
+
+
+def pairs_column(name: str, values: list, *, fast: bool = True
+                 ) -> tuple[pl.Series, list[str | None]]:
+    """``locality`` / ``portability`` as List(Struct{prompt, answer}), and row errors
+    (fast path as in ``rephrase_column``)."""
+    import pyarrow as pa
+
+    vals = [v if v else [] for v in values]
+    col = _fast_list(vals, _arrow_types()[1]) if fast else None
+    if col is not None:
+        errs: list[str | None] = [None] * len(vals)
+        el = pl.element()
+        bad_item = (el.is_null() | _blank(el.struct.field("prompt"))
+                    | _blank(el.struct.field("answer"))
+                    | (el.struct.field("prompt").str.len_chars() > MAX_STRING)
+                    | (el.struct.field("answer").str.len_chars() > MAX_STRING))
+        flagged = col.to_frame("r").select(
+            pl.col("r").list.eval(bad_item).list.any().fill_null(False))["r"]
+        for i in flagged.arg_true().to_list():
+            errs[i] = _pairs_error(name, vals[i])
+        return col, errs
+    prompts: list[str] = []
+    answers: list[str] = []
+    offsets, mask, errs = [0], [], []
+    for v in vals:
+        err = _pairs_error(name, v)
+        if v and err is None:
+            for item in v:
+                prompts.append(item["prompt"])
+                answers.append(item["answer"])
+        errs.append(err)
+        mask.append(err is not None)
+        offsets.append(len(prompts))
+    values_arr = pa.StructArray.from_arrays(
+        [pa.array(prompts, pa.string()), pa.array(answers, pa.string())],
+        names=["prompt", "answer"])
+    return _list_array(offsets, values_arr, mask), errs
 
 
 def frame_from_chunk(chunk: RawChunk, fmt: str | None = None) -> pl.DataFrame:
@@ -134,13 +234,14 @@ def frame_from_chunk(chunk: RawChunk, fmt: str | None = None) -> pl.DataFrame:
         [None if ok else f"op{SEP}unknown op {v!r}; expected one of {OPS}"
          for v, ok in zip(ops, ok_op)], dtype=pl.String)
     cols["_fid_truthy"] = pl.Series([bool(o.get("fact_id")) for o in mapped], dtype=pl.Boolean)
-    reph = [_rephrase(o.get("rephrase_prompts")) for o in mapped]
-    cols["rephrase_prompts"] = pl.Series([r[0] for r in reph], dtype=pl.List(pl.String))
-    cols["rephrase_prompts__e"] = pl.Series([r[1] for r in reph], dtype=pl.String)
+    col, errs = rephrase_column([o.get("rephrase_prompts") for o in mapped],
+                                fast=chunk.json_types)
+    cols["rephrase_prompts"] = col.cast(pl.List(pl.String))
+    cols["rephrase_prompts__e"] = pl.Series(errs, dtype=pl.String)
     for name in ("locality", "portability"):
-        res = [_pairs(name, o.get(name)) for o in mapped]
-        cols[name] = pl.Series([r[0] for r in res], dtype=pl.List(PAIR))
-        cols[name + "__e"] = pl.Series([r[1] for r in res], dtype=pl.String)
+        col, errs = pairs_column(name, [o.get(name) for o in mapped], fast=chunk.json_types)
+        cols[name] = col.cast(pl.List(PAIR))
+        cols[name + "__e"] = pl.Series(errs, dtype=pl.String)
     return pl.DataFrame(cols)
 
 
