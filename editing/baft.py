@@ -16,7 +16,14 @@ keys with radii. It reads the direction of h, not its scale:
 
 g_k starts as ``sharpness`` times the unit representation of the fact the basis
 was assigned to, and c_k = -sharpness * threshold, so a basis starts open on its
-own fact (cosine above ``threshold``) and closed on unrelated text. With
+own fact (cosine above ``threshold``) and closed on unrelated text.
+
+Where the weights look matters more than their form. The subject's own tokens
+at an early layer identify a fact far more sharply than any position at the
+layer that best writes the new answer, so the weights can be read at an earlier
+``gate_layer`` and pooled causally: position t uses the strongest weight seen at
+any position up to t (``causal_pool``). The edit then fires after the subject is
+mentioned, in any wording, and stays shut for other subjects. With
 ``gated=False`` every s_k is 1 and the module is exactly LoReFT: that is the ReFT
 baseline of every benchmark.
 
@@ -33,9 +40,10 @@ from torch import nn
 
 class BaFTIntervention(nn.Module):
     def __init__(self, hidden_size: int, rank: int, gated: bool = True,
-                 sharpness: float = 30.0, threshold: float = 0.8):
+                 sharpness: float = 30.0, threshold: float = 0.8, gate_layer: int | None = None):
         super().__init__()
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
+        self.gate_layer = gate_layer if gated else None   # None: weights read h itself
         self.sharpness, self.threshold = float(sharpness), float(threshold)
         self.R = nn.Parameter(torch.empty(rank, hidden_size))   # basis rows r_k
         self.W = nn.Parameter(torch.zeros(rank, hidden_size))   # w_k
@@ -52,10 +60,12 @@ class BaFTIntervention(nn.Module):
         unit = F.normalize(h, dim=-1)
         return torch.sigmoid(unit @ self.G.T + self.c)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Phi(h); ``weights`` are s(.) read elsewhere (a gate layer), else s(h)."""
         R = self.R.to(h.dtype)
         delta = h @ (self.W.to(h.dtype) - R).T + self.b.to(h.dtype)   # w^T h + b - r^T h
-        return h + (self.weights(h).to(h.dtype) * delta) @ R
+        s = self.weights(h) if weights is None else weights
+        return h + (s.to(h.dtype) * delta) @ R
 
     # -- initialisation and structure -----------------------------------------
     @torch.no_grad()
@@ -73,7 +83,7 @@ class BaFTIntervention(nn.Module):
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "rank": self.rank, "gated": self.gated,
-                "sharpness": self.sharpness, "threshold": self.threshold}
+                "sharpness": self.sharpness, "threshold": self.threshold, "gate_layer": self.gate_layer}
 
     def extra_repr(self) -> str:
         kind = "BaFT" if self.gated else "ReFT"
@@ -82,12 +92,26 @@ class BaFTIntervention(nn.Module):
     @classmethod
     def stack(cls, parts: list["BaFTIntervention"]) -> "BaFTIntervention":
         """One intervention equal to applying the sum of all parts' basis terms."""
-        if len({p.gated for p in parts}) != 1:
-            raise ValueError("cannot stack gated and ungated interventions")
+        if len({(p.gated, p.gate_layer) for p in parts}) != 1:
+            raise ValueError("cannot stack interventions with different gating")
         first = parts[0]
         out = cls(first.hidden_size, sum(p.rank for p in parts), first.gated,
-                  first.sharpness, first.threshold)
+                  first.sharpness, first.threshold, first.gate_layer)
         with torch.no_grad():
             for name in ("R", "W", "b", "G", "c"):
                 getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))
         return out.to(first.R.device)
+
+
+def causal_pool(s: torch.Tensor, valid: torch.Tensor | None = None,
+                past: torch.Tensor | None = None) -> torch.Tensor:
+    """Running maximum of basis weights along the sequence.
+
+    s: (batch, T, rank) weights per position; valid: (batch, T) False at padding;
+    past: (batch, rank) the running maximum of earlier tokens (KV-cache decoding).
+    """
+    if valid is not None:
+        s = s * valid.unsqueeze(-1).to(s.dtype)
+    if past is not None:
+        s = torch.maximum(s, past.unsqueeze(1).to(s.dtype))
+    return torch.cummax(s, dim=1).values

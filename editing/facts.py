@@ -115,8 +115,7 @@ def fact_from_record(rec: Any, *, file: str | None = None, record: int | None = 
         raise FactError("expected a list of non-empty strings", field="rephrase_prompts", **where)
     if (op == "upsert" and values["target_old"] is not None
             and normalise(values["target_old"]) == normalise(values["target_new"])):
-        raise FactError("target_new equals target_old: the update changes nothing",
-                        field="target_new", **where)
+        raise FactError(NOOP, field="target_new", **where)
     return Fact(
         subject=values["subject"] or "", prompt=values["prompt"] or "",
         target_new=values["target_new"] or "", fact_id=values["fact_id"] or "",
@@ -183,13 +182,24 @@ def detect_format(rec: dict) -> str:
     return "ledit"
 
 
-def records_to_facts(records: Iterable[Any], *, file: str | None = None,
-                     fmt: str | None = None) -> Iterator[Fact]:
-    """Map (if needed) and validate records; raises FactError on the first bad one."""
+NOOP = "target_new equals target_old: the update changes nothing"
+
+
+def records_to_facts(records: Iterable[Any], *, file: str | None = None, fmt: str | None = None,
+                     skipped: list | None = None) -> Iterator[Fact]:
+    """Map (if needed) and validate records; raises FactError on the first bad one.
+
+    With a ``skipped`` list, no-op updates (target_new equal to target_old, which
+    public benchmark files contain) are appended to it instead of raising."""
     for i, rec in enumerate(records):
         kind = fmt or (detect_format(rec) if isinstance(rec, dict) else "ledit")
         mapped = FORMATS[kind](rec) if kind in FORMATS else rec
-        yield fact_from_record(mapped, file=file, record=i)
+        try:
+            yield fact_from_record(mapped, file=file, record=i)
+        except FactError as exc:
+            if skipped is None or exc.reason != NOOP:
+                raise
+            skipped.append(exc)
 
 
 def read_records(path: str | Path) -> list[Any]:
@@ -220,11 +230,12 @@ def read_records(path: str | Path) -> list[Any]:
     return records
 
 
-def load_facts(paths: Iterable[str | Path], fmt: str | None = None) -> list[Fact]:
+def load_facts(paths: Iterable[str | Path], fmt: str | None = None,
+               skipped: list | None = None) -> list[Fact]:
     """Read and validate fact files (JSONL, or CounterFact / zsRE / KnowEdit JSON)."""
     facts: list[Fact] = []
     for path in paths:
-        facts.extend(records_to_facts(read_records(path), file=str(path), fmt=fmt))
+        facts.extend(records_to_facts(read_records(path), file=str(path), fmt=fmt, skipped=skipped))
     return facts
 
 

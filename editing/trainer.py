@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attach import attach_interventions, decoder_layers
-from .baft import BaFTIntervention
+from .baft import BaFTIntervention, causal_pool
 from .facts import Fact, normalise
 
 # Used as swapped-in subjects when a batch has too few subjects of its own.
@@ -103,15 +103,16 @@ def encode(tokenizer, items: list[tuple[str, str | None, str | None, int]]) -> E
 
 
 @torch.no_grad()
-def residual_at(model, ids: torch.Tensor, layer: int, chunk: int = 64) -> torch.Tensor:
-    """Hidden states entering decoder ``layer`` for right-padded ``ids``."""
+def residual_at(model, ids: torch.Tensor, layers: tuple[int, ...], chunk: int = 64) -> list[torch.Tensor]:
+    """Hidden states entering each decoder layer in ``layers``, for right-padded ``ids``."""
     device = next(model.parameters()).device
-    out = []
+    out = [[] for _ in layers]
     for i in range(0, len(ids), chunk):
         part = ids[i:i + chunk].to(device)
         hs = model(input_ids=part, output_hidden_states=True, use_cache=False).hidden_states
-        out.append(hs[layer].float())
-    return torch.cat(out)
+        for k, L in enumerate(layers):
+            out[k].append(hs[L].float())
+    return [torch.cat(o) for o in out]
 
 
 @torch.no_grad()
@@ -192,8 +193,8 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     """Train one block of interventions that makes ``model`` state ``facts``.
 
     ``params`` is the ``edit`` section of params.yaml. ``existing`` is the
-    adapter set already in production, attached (frozen) while this block
-    learns on top of it. Returns ``({layer: BaFTIntervention}, TrainReport)``.
+    adapter set already in production ({layer: module}), attached and frozen
+    while this block learns on top of it. Returns ``({layer: module}, TrainReport)``.
     """
     method = params["method"]
     if method == "lora":
@@ -206,100 +207,116 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     start = layers[0]
     cfg = params["baft"]
     gated = method == "baft"
+    gate_layer = cfg.get("gate_layer") if gated else None
+    if gate_layer is not None and gate_layer >= start:
+        raise ValueError(f"baft.gate_layer ({gate_layer}) must come before the first edit layer ({start})")
+    key_layer = start if gate_layer is None else gate_layer
+    for L, module in (existing or {}).items():
+        if getattr(module, "gate_layer", None) != gate_layer:
+            raise ValueError("the existing adapter set reads its gates at another layer; "
+                             "blocks of one set must share baft.gate_layer")
 
     prefixes = model_prefixes(model, tokenizer, cfg["prefixes"], cfg["prefix_tokens"], params["seed"])
     pos = encode(tokenizer, _positive_items(facts, prefixes))
     neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng))
     with _attached(model, existing):
-        pos_h = residual_at(model, pos.ids, start)
-        neg_h = residual_at(model, neg.ids, start)
+        pos_h, pos_g = residual_at(model, pos.ids, (start, key_layer))
+        neg_g = residual_at(model, neg.ids, (key_layer,))[0]
 
     n_facts, per = len(facts), cfg["bases_per_edit"]
     rank = n_facts * per
     owner = torch.arange(n_facts).repeat_interleave(per)          # fact of each basis
-    hidden = model.config.hidden_size
-    block = {L: BaFTIntervention(hidden, rank, gated, cfg["sharpness"], cfg["threshold"]).to(device)
-             for L in layers}
+    block = {L: BaFTIntervention(model.config.hidden_size, rank, gated, cfg["sharpness"],
+                                 cfg["threshold"], gate_layer).to(device) for L in layers}
     # Keys: the subject's last token in the plain prompt, then in prefixed variants.
     n_var = 1 + len(prefixes)
-    key_rows = []
-    for i in range(n_facts):
-        for j in range(per):
-            row = i * n_var + (j % n_var)
-            p = int(pos.subject_pos[row])
-            key_rows.append(pos_h[row, p if p >= 0 else int(pos.lengths[row]) - 1 - int(pos.target_mask[row].sum())])
-    keys = torch.stack(key_rows)
-    for L, iv in block.items():
-        iv.init_keys(keys if L == start else keys)  # same key stream; deeper layers learn their own
+    subj = pos.subject_pos.clone()
+    no_subject = subj < 0
+    subj[no_subject] = (pos.lengths - 1 - pos.target_mask.sum(1))[no_subject]  # last prompt token
+    key_rows = torch.tensor([i * n_var + (j % n_var) for i in range(n_facts) for j in range(per)])
+    keys = pos_g[key_rows, subj[key_rows]]
+    for iv in block.values():
+        iv.init_keys(keys)
         with torch.no_grad():
             iv.W.copy_(iv.R)  # Phi(h) = h at initialisation
 
-    # Gate supervision only reads the frozen residual at the first layer.
     gate_iv = block[start]
-    neg_owner_mask = _negative_mask(neg, owner, pos_h.device)
-    pos_rows = torch.arange(len(pos.ids))
-    pos_subj = pos.subject_pos.clone()
-    fallback = pos.lengths - 1 - pos.target_mask.sum(1)
-    pos_subj[pos_subj < 0] = fallback[pos_subj < 0]
+    neg_owner_mask = _negative_mask(neg, owner, device)
     own = (owner.unsqueeze(0) == pos.fact.unsqueeze(1)).to(device)   # (n_pos, rank)
+    cross = ~own & _different_subject(pos.fact, owner, facts).to(device)
+    neg_valid = torch.arange(neg_g.shape[1])[None, :] < neg.lengths[:, None]
+    pos_valid = torch.arange(pos_g.shape[1])[None, :] < pos.lengths[:, None]
 
-    trainable = [p for iv in block.values() for p in iv.parameters()]
-    if not gated:
-        trainable = [p for iv in block.values() for n, p in iv.named_parameters() if n in ("R", "W", "b")]
+    trainable = [p for iv in block.values() for n, p in iv.named_parameters() if gated or n in ("R", "W", "b")]
     opt = torch.optim.Adam(trainable, lr=params["lr"])
     trunk = _Trunk(model, start)
     steps, batch = params["steps"], params["batch_size"]
     w = params["loss_weights"]
     order = list(range(len(pos.ids)))
     rng.shuffle(order)
-    cursor, loss_value, stopped = 0, math.nan, False
+    cursor, loss_value, stopped, step = 0, math.nan, False, 0
     bar = _progress(steps, progress, f"{method} x{n_facts}")
-    step = 0
-    with _attached(model, existing), _attached(model, block):
+    with _attached(model, existing) as old, _attached(model, block) as new:
+        def pooled_weights(rows, width):
+            """Hand the content hooks their pooled weights (the gate layer is below the trunk)."""
+            for handle, modules in ((old, existing), (new, block)):
+                for L, state in (handle.states.items() if handle is not None else ()):
+                    state.weights = causal_pool(modules[L].weights(pos_g[rows, :width]), pos_valid[rows, :width])
+
+        def forward_targets(rows):
+            width = int(pos.lengths[rows].max())
+            ids = pos.ids[rows, :width].to(device)
+            pooled_weights(rows, width)
+            states = trunk.states(ids, pos_h[rows, :width])
+            tmask = pos.target_mask[rows, :width].to(device)
+            return model.lm_head(states[tmask]).float(), _next_tokens(ids, tmask)
+
         for step in range(1, steps + 1):
             if cursor + batch > len(order):
                 rng.shuffle(order)
                 cursor = 0
             rows = torch.tensor(order[cursor:cursor + batch])
             cursor += batch
-            width = int(pos.lengths[rows].max())
-            ids = pos.ids[rows, :width].to(device)
-            states = trunk.states(ids, pos_h[rows, :width])
-            tmask = pos.target_mask[rows, :width].to(device)
-            logits = model.lm_head(states[tmask]).float()
-            edit_loss = F.cross_entropy(logits, _next_tokens(ids, tmask))
+            logits, labels = forward_targets(rows)
+            edit_loss = F.cross_entropy(logits, labels)
             loss = w["edit"] * edit_loss
             if gated:
-                s_pos = gate_iv.weights(pos_h[pos_rows, pos_subj])              # (n_pos, rank)
-                gate_pos = -(torch.log(s_pos.clamp_min(1e-6)) * own).sum() / own.sum()
-                s_neg = gate_iv.weights(neg_h)                                   # (n_neg, T, rank)
-                valid = (torch.arange(neg_h.shape[1], device=device)[None, :] < neg.lengths[:, None].to(device))
-                s_neg = (s_neg * valid[..., None]).amax(1)                       # worst position
-                gate_neg = -(torch.log((1 - s_neg).clamp_min(1e-6)) * neg_owner_mask).sum() / neg_owner_mask.sum().clamp_min(1)
-                # Other facts' own prompts are negatives too (unless same subject).
-                s_cross = gate_iv.weights(pos_h[pos_rows, pos_subj])
-                cross = ~own & _different_subject(pos.fact, owner, facts).to(device)
-                gate_cross = -(torch.log((1 - s_cross).clamp_min(1e-6)) * cross).sum() / cross.sum().clamp_min(1)
+                s_pos = gate_iv.weights(pos_g[torch.arange(len(subj)), subj])      # (n_pos, rank)
+                gate_pos = _bce(s_pos, own, positive=True)
+                # Other facts' subjects (cross), swapped subjects and generic text: closed
+                # at their worst position.
+                gate_neg = _bce((gate_iv.weights(neg_g) * neg_valid[..., None]).amax(1), neg_owner_mask > 0,
+                                positive=False) + _bce(s_pos, cross, positive=False)
                 usage = s_pos.mean(0)
                 balance = rank * ((usage / usage.sum().clamp_min(1e-6)) ** 2).sum() - 1
-                loss = loss + w["gate_positive"] * gate_pos + w["gate_negative"] * (gate_neg + gate_cross) \
-                    + w["balance"] * balance
+                loss = loss + w["gate_positive"] * gate_pos + w["gate_negative"] * gate_neg + w["balance"] * balance
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             for iv in block.values():
                 iv.orthonormalise()
-            loss_value = float(loss)
-            bar.set_postfix(loss=f"{loss_value:.3f}", edit=f"{float(edit_loss):.3f}")
+            loss_value = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_value:.3f}", edit=f"{float(edit_loss.detach()):.3f}")
             bar.update(1)
-            if step % params["early_stop"]["check_every"] == 0 and _all_learned(
-                    model, trunk, pos, pos_h, n_var, params["early_stop"]["min_target_prob"], device):
-                stopped = True
-                break
+            if step % params["early_stop"]["check_every"] == 0:
+                with torch.no_grad():
+                    logits, labels = forward_targets(torch.arange(0, len(pos.ids), n_var))  # plain prompts
+                    probs = logits.softmax(-1)
+                    p_target = probs.gather(1, labels[:, None]).squeeze(1)
+                if (p_target >= params["early_stop"]["min_target_prob"]).all() and (probs.argmax(-1) == labels).all():
+                    stopped = True
+                    break
     bar.close()
     for iv in block.values():
         iv.requires_grad_(False)
     return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
+
+
+def _bce(s: torch.Tensor, select: torch.Tensor, positive: bool) -> torch.Tensor:
+    """Mean -log s (positive) or -log(1 - s) over the selected weights."""
+    p = s if positive else 1 - s
+    select = select.to(s.dtype)
+    return -(torch.log(p.clamp_min(1e-6)) * select).sum() / select.sum().clamp_min(1)
 
 
 def _next_tokens(ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
@@ -325,19 +342,6 @@ def _negative_mask(neg: Encoded, owner: torch.Tensor, device) -> torch.Tensor:
         # own fact's bases (the swapped-in subject may be another fact's).
         m[r] = True if fi < 0 else owner == fi
     return m.float().to(device)
-
-
-@torch.no_grad()
-def _all_learned(model, trunk, pos: Encoded, pos_h, n_var, min_prob, device) -> bool:
-    rows = torch.arange(0, len(pos.ids), n_var)   # the plain prompts
-    width = int(pos.lengths[rows].max())
-    ids = pos.ids[rows, :width].to(device)
-    states = trunk.states(ids, pos_h[rows, :width])
-    tmask = pos.target_mask[rows, :width].to(device)
-    probs = model.lm_head(states[tmask]).float().softmax(-1)
-    target = _next_tokens(ids, tmask)
-    p = probs.gather(1, target[:, None]).squeeze(1)
-    return bool((p >= min_prob).all() and (probs.argmax(-1) == target).all())
 
 
 @contextlib.contextmanager
@@ -369,7 +373,7 @@ def train_lora(model, tokenizer, facts, params, existing=None, progress=True):
     layers = sorted(params["layers"])
     cfg = params["lora"]
     pos = encode(tokenizer, _positive_items(facts, []))
-    pos_h = residual_at(model, pos.ids, layers[0])
+    pos_h = residual_at(model, pos.ids, (layers[0],))[0]
     names = [f"model.layers.{L}.mlp.down_proj" for L in layers]
     peft_model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"],
                                                   target_modules=names, lora_dropout=0.0))

@@ -8,6 +8,15 @@ from editing.evaluate import evaluate_facts
 from editing.metrics import greedy
 
 
+def read_facts(fact_paths: list[str], warn=print) -> list:
+    """Facts to edit: upserts, with no-op updates skipped and named."""
+    skipped: list = []
+    facts = [f for f in load_facts(fact_paths, skipped=skipped) if f.op == "upsert"]
+    for exc in skipped:
+        warn(f"skipped: {exc}")
+    return facts
+
+
 def train_adapter_set(fact_paths: list[str], out: str | Path, *, model_name: str | None = None,
                       method: str | None = None, base_adapter: str | Path | None = None,
                       params: dict | None = None, progress: bool = True, model_and_tokenizer=None,
@@ -17,7 +26,7 @@ def train_adapter_set(fact_paths: list[str], out: str | Path, *, model_name: str
     edit_params = dict(params["edit"])
     if method:
         edit_params["method"] = method
-    facts = [f for f in load_facts(fact_paths) if f.op == "upsert"]
+    facts = read_facts(fact_paths)
     base = AdapterSet.load(base_adapter) if base_adapter else None
     model, tokenizer = model_and_tokenizer or load_model(model_name or params["model"]["name"],
                                                          dtype=params["model"]["dtype"])
@@ -34,7 +43,7 @@ def evaluate_adapter_set(adapter_dir: str | Path | None, fact_paths: list[str], 
     adapter_set = AdapterSet.load(adapter_dir) if adapter_dir else None
     name = model_name or (adapter_set.base_model if adapter_set else None) or params["model"]["name"]
     model, tokenizer = model_and_tokenizer or load_model(name, dtype=params["model"]["dtype"])
-    facts = [f for f in load_facts(fact_paths) if f.op == "upsert"]
+    facts = read_facts(fact_paths)
     return evaluate_facts(model, tokenizer, facts, attach=adapter_set.attach if adapter_set else None,
                           fluency_tokens=params["eval"]["fluency_tokens"])
 

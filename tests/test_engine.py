@@ -9,9 +9,9 @@ from editing import AdapterError, AdapterSet, BaFTIntervention, Block
 from editing.attach import attach_interventions
 
 
-def _random_intervention(hidden, rank, gated=True, seed=0):
+def _random_intervention(hidden, rank, gated=True, seed=0, gate_layer=None):
     torch.manual_seed(seed)
-    iv = BaFTIntervention(hidden, rank, gated=gated)
+    iv = BaFTIntervention(hidden, rank, gated=gated, gate_layer=gate_layer)
     with torch.no_grad():
         iv.W.normal_(0, 0.3)
         iv.b.normal_(0, 1.0)
@@ -58,6 +58,17 @@ def test_gate_keys_open_on_key_and_close_elsewhere():
     assert s_other.max() < 0.01
 
 
+def test_causal_pool_masks_padding_and_carries_the_past():
+    from editing.baft import causal_pool
+
+    s = torch.tensor([[[0.9], [0.2], [0.1]], [[0.1], [0.5], [0.3]]])
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    pooled = causal_pool(s, valid)
+    assert torch.allclose(pooled[:, :, 0], torch.tensor([[0.0, 0.2, 0.2], [0.1, 0.5, 0.5]]))
+    carried = causal_pool(s[:, -1:], None, past=pooled[:, -1])
+    assert torch.allclose(carried[:, 0, 0], torch.tensor([0.2, 0.5]))
+
+
 def test_stack_equals_sum_of_blocks():
     a, b = _random_intervention(32, 3, seed=1), _random_intervention(32, 5, seed=2)
     h = torch.randn(4, 6, 32)
@@ -65,8 +76,10 @@ def test_stack_equals_sum_of_blocks():
     assert torch.allclose(BaFTIntervention.stack([a, b])(h), summed, atol=1e-5)
 
 
-def test_hooks_with_left_padding(tiny_model, tokenizer):
-    iv = _random_intervention(64, 4)
+# gate_layer=None: weights read h itself; 0: read at layer 0 and pooled causally.
+@pytest.mark.parametrize("gate_layer", [None, 0])
+def test_hooks_with_left_padding(tiny_model, tokenizer, gate_layer):
+    iv = _random_intervention(64, 4, gate_layer=gate_layer)
     texts = ["The capital of France is", "Hello"]
     with attach_interventions(tiny_model, {1: iv}):
         enc = tokenizer(texts, return_tensors="pt", padding=True)
@@ -79,8 +92,9 @@ def test_hooks_with_left_padding(tiny_model, tokenizer):
     assert not torch.allclose(tiny_model(**enc).logits, batched, atol=1e-3)
 
 
-def test_hooks_with_kv_cache(tiny_model, tokenizer):
-    iv = _random_intervention(64, 4)
+@pytest.mark.parametrize("gate_layer", [None, 1])
+def test_hooks_with_kv_cache(tiny_model, tokenizer, gate_layer):
+    iv = _random_intervention(64, 4, gate_layer=gate_layer)
     enc = tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
     with attach_interventions(tiny_model, {2: iv}):
         cached = tiny_model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True,

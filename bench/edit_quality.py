@@ -1,0 +1,121 @@
+"""Edit quality and speed: BaFT against ReFT, LoRA (FT-L style) and the unedited model.
+
+    .venv/bin/python bench/edit_quality.py                      # both datasets, batches 1/16/64
+    .venv/bin/python bench/edit_quality.py --datasets counterfact --sizes 64
+
+Reads ../shared/benchmarks (or --data-dir); writes a Markdown table to
+bench/results/edit_quality.md and prints it. Batch size 1 runs --singles
+separate one-fact edits and averages them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from editing import AdapterSet, edit, load_model, load_params  # noqa: E402
+from editing.evaluate import evaluate_facts  # noqa: E402
+from editing.facts import records_to_facts  # noqa: E402
+
+FILES = {"counterfact": "counterfact-val.json", "zsre": "zsre-dev.json"}
+SAMPLES = {"counterfact": "counterfact-sample.json", "zsre": "zsre-sample.json"}
+COLUMNS = ("reliability", "generality", "locality", "exact_match", "fluency")
+
+
+def load_dataset(name: str, data_dir: Path) -> list:
+    path = data_dir / FILES[name]
+    if not path.exists():
+        path = ROOT / "data" / "samples" / SAMPLES[name]
+        print(f"note: {data_dir / FILES[name]} not found, using the bundled sample {path}")
+    skipped: list = []
+    facts = list(records_to_facts(json.loads(path.read_text()), file=str(path), skipped=skipped))
+    if skipped:
+        print(f"note: {len(skipped)} no-op records skipped in {path.name}")
+    return facts
+
+
+def run_one(model, tokenizer, facts, method, params, fluency_tokens):
+    """(means, seconds per edit, adapter bytes per edit) for one training run."""
+    if method == "none":
+        result = evaluate_facts(model, tokenizer, facts, fluency_tokens=fluency_tokens)
+        return result["means"], 0.0, 0
+    p = dict(params["edit"], method=method)
+    t0 = time.perf_counter()
+    adapter_set = edit(model, tokenizer, facts, p, progress=False)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        size = (adapter_set.save(Path(tmp) / "set") / "adapter.safetensors").stat().st_size
+    result = evaluate_facts(model, tokenizer, facts, attach=adapter_set.attach, fluency_tokens=fluency_tokens)
+    return result["means"], seconds / len(facts), size / len(facts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["counterfact", "zsre"], choices=list(FILES))
+    ap.add_argument("--sizes", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--methods", nargs="+", default=["none", "baft", "reft", "lora"])
+    ap.add_argument("--singles", type=int, default=4, help="one-fact runs averaged for batch size 1")
+    ap.add_argument("--offset", type=int, default=0, help="first record used")
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "edit_quality.md")
+    args = ap.parse_args(argv)
+
+    params = load_params()
+    model, tokenizer = load_model(args.model or params["model"]["name"])
+    fluency_tokens = params["eval"]["fluency_tokens"]
+    rows = []
+    for dataset in args.datasets:
+        facts = load_dataset(dataset, args.data_dir)[args.offset:]
+        for size in args.sizes:
+            runs = [facts[i:i + 1] for i in range(args.singles)] if size == 1 else [facts[:size]]
+            for method in args.methods:
+                results = [run_one(model, tokenizer, run, method, params, fluency_tokens) for run in runs]
+                means = {c: mean(r[0][c] for r in results) if results[0][0].get(c) is not None else None
+                         for c in COLUMNS}
+                row = {"dataset": dataset, "method": method, "batch": size, "edits": sum(map(len, runs)),
+                       **means, "s_per_edit": mean(r[1] for r in results),
+                       "bytes_per_edit": mean(r[2] for r in results)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    table = render(rows, args, params)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(table)
+
+
+def render(rows, args, params) -> str:
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    e = params["edit"]
+    head = [f"# Edit quality ({time.strftime('%Y-%m-%d')})", "",
+            f"Command: `python bench/edit_quality.py {' '.join(sys.argv[1:])}`  ",
+            f"Model: {params['model']['name']}; device: {device}; records from offset {args.offset}.  ",
+            f"Edit layers {e['layers']}, gate layer {e['baft'].get('gate_layer')}, "
+            f"{e['baft']['bases_per_edit']} bases per edit, <= {e['steps']} steps; LoRA rank "
+            f"{e['lora']['rank']} on the MLP down-projection of the same layers.", "",
+            "| dataset | method | batch | reliability | generality | locality | exact match | fluency "
+            "| mean of rel/gen/loc | s per edit | adapter bytes per edit |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        def f(v, fmt="{:.3f}"):
+            return "-" if v is None else fmt.format(v)
+        trio = [r[c] for c in ("reliability", "generality", "locality") if r[c] is not None]
+        head.append(f"| {r['dataset']} | {r['method']} | {r['batch']} | {f(r['reliability'])} | "
+                    f"{f(r['generality'])} | {f(r['locality'])} | {f(r['exact_match'])} | {f(r['fluency'])} | "
+                    f"{f(mean(trio))} | {f(r['s_per_edit'], '{:.2f}')} | {f(r['bytes_per_edit'], '{:,.0f}')} |")
+    return "\n".join(head) + "\n"
+
+
+if __name__ == "__main__":
+    main()
