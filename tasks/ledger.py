@@ -26,7 +26,8 @@ from tasks.workspace import Home
 
 SEP = "\x1f"
 FACTS_SCHEMA = {"fact_id": pl.String, "record_hash": pl.String, "edit_key": pl.String,
-                "order_ts": pl.Datetime("us", "UTC"), "op": pl.String, "batch": pl.String}
+                "order_ts": pl.Datetime("us", "UTC"), "op": pl.String, "batch": pl.String,
+                "ingested_at": pl.Datetime("us", "UTC")}
 APPLIED_SCHEMA = {"fact_id": pl.String, "edit_key": pl.String, "op": pl.String,
                   "target_new": pl.String, "applied_at": pl.Datetime("us", "UTC"),
                   "run": pl.String, "adapter": pl.String}
@@ -115,7 +116,8 @@ def record_facts(home: Home, accepted: Path, batch: str) -> None:
     wins (ties: the batch being recorded). Re-recording the same batch changes nothing."""
     new = pl.scan_parquet(accepted).select(
         "fact_id", "record_hash", pl.col("_edit_key").alias("edit_key"),
-        pl.col("_order_ts").alias("order_ts"), "op", pl.lit(batch, pl.String).alias("batch"))
+        pl.col("_order_ts").alias("order_ts"), "op", pl.lit(batch, pl.String).alias("batch"),
+        pl.col("received_at").alias("ingested_at"))
     merged = (pl.concat([scan_facts(home).select(list(FACTS_SCHEMA)), new], how="vertical")
               .with_row_index("_i")
               .sort(["fact_id", "order_ts", "_i"])
