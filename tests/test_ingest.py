@@ -241,29 +241,38 @@ def test_updates_identical_to_applied_edits_are_skipped(home):
 
 
 # -- crashes --------------------------------------------------------------------------
-@pytest.mark.parametrize("point", ["after_parquet_write", "after_dvc_add"])
+CRASHES = {  # fault point: (journal phase left behind, batch tags made before the crash)
+    "after_claim": ("claimed", 0), "after_parquet_write": ("staged", 0),
+    "after_dvc_add": ("written", 0), "after_ledger": ("committed", 1),
+}
+
+
+@pytest.mark.parametrize("point", list(CRASHES))
 def test_crash_between_steps_is_finished_by_the_next_ingest(home, point):
     put(home, "a.jsonl", [fact(i) for i in range(5)] + [fact(0), {"subject": "x"}])
     with pytest.raises(InjectedFault):
         ingest(home, fault=point)
     j = read_journal(home)
-    assert j["phase"] == ("staged" if point == "after_parquet_write" else "written")
-    assert list_inbox(home.inbox_url) == []            # claimed: archived + in the journal
-    assert version.tags(home.workspace) == []
+    assert j["phase"] == CRASHES[point][0]
+    # claimed = archived and in the journal; the inbox is drained at once or on recovery
+    assert len(list_inbox(home.inbox_url)) == (1 if point == "after_claim" else 0)
+    assert len(version.tags(home.workspace)) == CRASHES[point][1]
     put(home, "b.jsonl", [fact(5), fact(1)])           # new work waits behind the recovery
     r = ingest(home)
     balanced(r)
     assert r.recovered == [j["run_id"]] and len(r.runs) == 2
     assert (r.records_in, r.accepted, r.duplicates, r.quarantined) == (9, 6, 2, 1)
+    report = json.loads((home.run_dir(j["run_id"]) / "report.json").read_text())
+    assert report["phase"] == "done" and j.get("batch", report["batch"]) == report["batch"]
     tags = version.tags(home.workspace)
-    assert len(tags) == 2 and tags[0] == j["batch"]
+    assert len(tags) == 2 and tags[0] == report["batch"] == r.batches[0]
     first = batch_frame(home, tags[0])
     assert sorted(first["subject"]) == [f"Subject {i}" for i in range(5)]
     assert batch_frame(home, tags[1])["subject"].to_list() == ["Subject 5"]
     assert ledger.latest_facts(home).height == 6
     log = version.git(home.workspace, "log", "--format=%s").stdout.splitlines()
-    assert sum(1 for line in log if line.startswith(j["batch"] + ":")) == 1
-    assert_consistent(home, dvc_status=True)
+    assert sum(1 for line in log if line.startswith(report["batch"] + ":")) == 1
+    assert_consistent(home, dvc_status=point == "after_dvc_add")
 
 
 def _cli(home: Home, *args, env=None):
@@ -340,6 +349,26 @@ def test_cli_init_submit_ingest(tmp_path, home):
     for cmd in ("init", "submit", "ingest", "prepare"):
         res = runner.invoke(data_main, [cmd, "--help"])
         assert res.exit_code == 0 and "--home" in res.output and "LEDIT_HOME" in res.output
+
+
+def test_plain_functions_run_without_prefect_and_wrap_as_tasks(home):
+    code = ("import sys, tasks.ingest, tasks.sources, tasks.validate, tasks.dedupe, "
+            "tasks.ledger, tasks.version, tasks.prepare, tasks.workspace, flows.cli_ingest; "
+            "sys.exit('prefect' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    from tasks.prefect_tasks import ingest_task, mark_applied_task
+
+    put(home, "a.jsonl", [fact(1)])
+    out = ingest_task.fn(str(home.root))             # the plain function, no server
+    assert out["accepted"] == 1 and out["batch"]
+    assert mark_applied_task.fn([("f-x", "y")], home=str(home.root)) == 1
+    from tasks.ingest import status
+
+    st = status(home)
+    assert st["batches"] == [out["batch"]] and st["pending_run"] is None
+    assert st["inbox_files"] == 0 and st["files_ingested"] == 1
 
 
 def test_ledit_group_has_the_data_commands():
