@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.workspace import Home, atomic_write_bytes, atomic_write_json, ensure_initialised
+from tasks.workspace import Home, atomic_write_json, ensure_initialised
 
 FAULT_ENV = "LEDIT_INJECT_FAULT"
 FAULT_POINTS = ("after_claim", "after_stage", "after_parquet_write", "after_dvc_add",
@@ -176,7 +176,7 @@ def _stage(home: Home, j: dict, fault: str | None) -> dict:
     """Validate every claimed file chunk by chunk, write the quarantine, deduplicate."""
     import polars as pl
 
-    from tasks import dedupe, ledger, sources, validate, version
+    from tasks import dedupe, ledger, sources, version
 
     t0 = time.perf_counter()
     _drain_inbox(j)
@@ -422,5 +422,4 @@ def last_json_line(text: str) -> dict:
     raise ValueError("no output")
 
 
-__all__ = ["ingest", "IngestResult", "InjectedFault", "FAULT_POINTS", "status", "read_journal",
-           "atomic_write_bytes"]
+__all__ = ["ingest", "IngestResult", "InjectedFault", "FAULT_POINTS", "status", "read_journal"]

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.workspace import Home, atomic_write_bytes
+from tasks.workspace import Home
 
 try:  # orjson ships with prefect; the stdlib parser is the fallback
     import orjson as _orjson
@@ -223,16 +223,6 @@ def _decode_reason(raw: bytes) -> str:
     except UnicodeDecodeError as exc:
         return f"undecodable bytes: not UTF-8 ({exc.reason} at byte {exc.start})"
     return "undecodable bytes: not UTF-8"
-
-
-def _parse_object(text: str) -> tuple[Any, str | None]:
-    try:
-        obj = _loads(text)
-    except _JSON_ERRORS as exc:
-        return None, f"malformed JSON: {exc}"
-    if obj.__class__ is not dict:
-        return None, f"expected a JSON object, got {_json_type(obj)}"
-    return obj, None
 
 
 def _json_type(obj) -> str:
@@ -498,7 +488,3 @@ def _read_parquet(path: Path, chunk_records: int) -> Iterator[RawChunk]:
         chunk = RawChunk()
         chunk.add(None, None, None, "", f"unreadable Parquet file: {exc}")
         yield chunk
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)

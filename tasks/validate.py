@@ -375,7 +375,7 @@ def validate_chunk(chunk: RawChunk, *, file: str, sha256: str, archived: str, se
         pl.lit(archived, pl.String).alias("archived"), pl.col("_line").alias("line"),
         pl.col("_record").alias("record"), pl.col("_field").alias("field"),
         pl.col("_reason").alias("reason"), pl.col("_raw").alias("raw"),
-        pl.lit(run_id, pl.String).alias("run_id"))
+        pl.lit(run_id, pl.String).alias("run_id")).cast(QUARANTINE_SCHEMA)
     good = df.filter(~bad_mask)
     if good.height:
         good = keys_for_good(good)
