@@ -157,6 +157,7 @@ def main() -> int:
         sys.path.insert(0, str(ROOT))
         from tasks.workspace import init_workspace
 
+        load0 = os.getloadavg()[0]
         h = init_workspace(home)
         t0 = time.perf_counter()
         gen = generate(h.default_inbox, args.records, args.files, args.duplicates, args.bad)
@@ -203,7 +204,8 @@ def main() -> int:
     ]
     import polars as pl
 
-    head = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
+    head = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (load average "
+            f"{load0:.1f} when the run started: other work shared the cores), Python "
             f"{platform.python_version()}, polars {pl.__version__}. Generation "
             f"({gen_s:.0f} s) not timed. {args.duplicates:.0%} exact duplicates, "
             f"{args.bad:.0%} bad records ({', '.join(BAD_KINDS)}).")
