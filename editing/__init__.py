@@ -1,13 +1,19 @@
 """The ML core: BaFT/ReFT interventions, the edit trainer, metrics, adapter sets, model loading.
 
-Imports nothing from ``tasks`` or ``flows``.
+Imports nothing from ``tasks`` or ``flows``. Exports load lazily, so code that only
+needs the fact schema (``editing.facts``) does not pay for importing torch.
 """
-from .adapters import AdapterError, AdapterSet, Block
-from .baft import BaFTIntervention
-from .editor import edit
-from .facts import Fact, FactError, load_facts
-from .models import fingerprint, load_model
-from .params import load_params
+from importlib import import_module
 
-__all__ = ["AdapterError", "AdapterSet", "Block", "BaFTIntervention", "Fact", "FactError",
-           "edit", "fingerprint", "load_facts", "load_model", "load_params"]
+_EXPORTS = {
+    "AdapterError": "adapters", "AdapterSet": "adapters", "Block": "adapters",
+    "BaFTIntervention": "baft", "edit": "editor", "Fact": "facts", "FactError": "facts",
+    "load_facts": "facts", "fingerprint": "models", "load_model": "models", "load_params": "params",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'editing' has no attribute {name!r}")

@@ -117,18 +117,25 @@ def residual_at(model, ids: torch.Tensor, layers: tuple[int, ...], chunk: int = 
 
 @torch.no_grad()
 def model_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[str]:
-    """Short random contexts written by the base model (as ROME and WISE do)."""
+    """Short random contexts written by the base model (as ROME and WISE do).
+
+    Each starts a new line so an instruct model writes plain prose, and stops at
+    the first line break."""
     if n <= 0:
         return []
     device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     starters = [PREFIX_STARTERS[i % len(PREFIX_STARTERS)] for i in range(n)]
-    enc = tokenizer(starters, return_tensors="pt", padding=True).to(device)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    out = model.generate(**enc, max_new_tokens=length, do_sample=True, top_k=5,
-                         pad_token_id=tokenizer.pad_token_id)
+    enc = tokenizer(["\n" + s for s in starters], return_tensors="pt", padding=True).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(**enc, max_new_tokens=length, do_sample=True, top_k=40, temperature=0.8,
+                             pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [" ".join((s + t).split()).strip() + "." for s, t in zip(starters, texts)]
+    prefixes = []
+    for starter, text in zip(starters, texts):
+        words = " ".join((starter + text.split("\n")[0]).split())
+        prefixes.append(words.rstrip(" .,;:") + ".")
+    return prefixes
 
 
 class _Trunk:
@@ -295,6 +302,9 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
             opt.step()
             for iv in block.values():
                 iv.orthonormalise()
+                if cfg.get("tie_w"):
+                    with torch.no_grad():
+                        iv.W.copy_(iv.R)   # content independent of h: b_k along r_k
             loss_value = float(loss.detach())
             bar.set_postfix(loss=f"{loss_value:.3f}", edit=f"{float(edit_loss.detach()):.3f}")
             bar.update(1)

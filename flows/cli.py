@@ -14,7 +14,8 @@ def main():
 
     \b
     Engine:    ledit edit | eval | generate
-    Data:      ledit init | submit | ingest
+    Data:      ledit init | submit | ingest | prepare
+    Demo:      ledit demo
     """
 
 

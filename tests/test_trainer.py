@@ -1,0 +1,87 @@
+"""The trainer's mechanics on a tiny random Llama (quality is measured in bench/)."""
+import copy
+
+import pytest
+import torch
+
+from editing import Fact, edit, load_params
+from editing.trainer import _Trunk, encode, residual_at
+
+FACTS = [
+    Fact(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new="English"),
+    Fact(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target_new="piano"),
+]
+
+
+def tiny_params(method="baft", **over):
+    p = copy.deepcopy(load_params()["edit"])
+    p.update(method=method, layers=[2], steps=6, batch_size=8)
+    p.update(over)
+    p["baft"].update(gate_layer=1, prefixes=2, prefix_tokens=3, subject_swaps=1)
+    return p
+
+
+def test_training_is_seeded_and_deterministic(tiny_model, tokenizer):
+    a = edit(tiny_model, tokenizer, FACTS, tiny_params(), progress=False)
+    b = edit(tiny_model, tokenizer, FACTS, tiny_params(), progress=False)
+    c = edit(tiny_model, tokenizer, FACTS, tiny_params(seed=1), progress=False)
+    ta, tb, tc = a.tensors(), b.tensors(), c.tensors()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_training_lowers_the_edit_loss_and_keeps_bases_orthonormal(tiny_model, tokenizer):
+    p = tiny_params(steps=30, lr=0.05)
+    p["early_stop"]["min_target_prob"] = 1.01   # never stop early
+    s = edit(tiny_model, tokenizer, FACTS, p, progress=False)
+    block = s.blocks[0]
+    assert block.stats["steps"] == 30 and not block.stats["stopped_early"]
+    iv = block.interventions[2]
+    assert iv.rank == 2 * p["baft"]["bases_per_edit"] and iv.gate_layer == 1
+    assert torch.allclose(iv.R @ iv.R.T, torch.eye(iv.rank), atol=1e-4)
+    assert block.owner.tolist() == [0, 0, 1, 1]
+
+    def target_loss(attach):
+        enc = encode(tokenizer, [(f.prompt, f.target_new, f.subject, i) for i, f in enumerate(FACTS)])
+        handle = attach(tiny_model) if attach else None
+        try:
+            logits = tiny_model(input_ids=enc.ids).logits
+        finally:
+            if handle:
+                handle.remove()
+        labels = torch.roll(enc.ids, -1, 1)[enc.target_mask]
+        return torch.nn.functional.cross_entropy(logits[enc.target_mask], labels).item()
+    # a random 64-wide model cannot become confident over 49k tokens; it must still move
+    assert target_loss(s.attach) < target_loss(None) - 1.0
+
+
+def test_reft_switch_trains_no_gate(tiny_model, tokenizer):
+    s = edit(tiny_model, tokenizer, FACTS, tiny_params("reft"), progress=False)
+    iv = s.blocks[0].interventions[2]
+    assert not iv.gated and iv.gate_layer is None
+    h = torch.randn(3, 64)
+    assert torch.equal(iv.weights(h), torch.ones(3, iv.rank))
+
+
+def test_lora_baseline_restores_the_base_model(tiny_model, tokenizer):
+    ids = tokenizer(["Toko Yasuda plays the"], return_tensors="pt").input_ids
+    bare = tiny_model(ids).logits
+    s = edit(tiny_model, tokenizer, FACTS, tiny_params("lora"), progress=False)
+    assert torch.equal(tiny_model(ids).logits, bare)            # peft unloaded cleanly
+    assert set(s.blocks[0].lora) == {2}
+    with s.attach(tiny_model):
+        assert not torch.allclose(tiny_model(ids).logits, bare)
+
+
+def test_trunk_resumes_from_the_cached_residual(tiny_model, tokenizer):
+    ids = tokenizer(["The mother tongue of Danielle Darrieux is English"], return_tensors="pt").input_ids
+    full = tiny_model.model(input_ids=ids).last_hidden_state
+    cached = residual_at(tiny_model, ids, (2,))[0]
+    assert torch.allclose(_Trunk(tiny_model, 2).states(ids, cached), full, atol=1e-5)
+
+
+def test_gate_layer_must_precede_the_edit_layer(tiny_model, tokenizer):
+    p = tiny_params()
+    p["baft"]["gate_layer"] = 3
+    with pytest.raises(ValueError, match="gate_layer"):
+        edit(tiny_model, tokenizer, FACTS, p, progress=False)
