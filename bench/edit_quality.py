@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from editing import AdapterSet, edit, load_model, load_params  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.facts import records_to_facts  # noqa: E402
+from editing.facts import FactError, records_to_facts  # noqa: E402
 
 FILES = {"counterfact": "counterfact-val.json", "zsre": "zsre-dev.json"}
 SAMPLES = {"counterfact": "counterfact-sample.json", "zsre": "zsre-sample.json"}
@@ -37,10 +37,14 @@ def load_dataset(name: str, data_dir: Path) -> list:
     if not path.exists():
         path = ROOT / "data" / "samples" / SAMPLES[name]
         print(f"note: {data_dir / FILES[name]} not found, using the bundled sample {path}")
-    skipped: list = []
-    facts = list(records_to_facts(json.loads(path.read_text()), file=str(path), skipped=skipped))
+    facts, skipped = [], []
+    for i, rec in enumerate(json.loads(path.read_text())):
+        try:   # public files hold a few unusable records (empty or no-op targets)
+            facts.extend(records_to_facts([rec], file=str(path)))
+        except FactError as exc:
+            skipped.append(f"record {i}: {exc.reason}")
     if skipped:
-        print(f"note: {len(skipped)} no-op records skipped in {path.name}")
+        print(f"note: {len(skipped)} records skipped in {path.name}: {'; '.join(skipped[:5])}")
     return facts
 
 
@@ -68,10 +72,12 @@ def main(argv=None):
     ap.add_argument("--offset", type=int, default=0, help="first record used")
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override params.yaml, e.g. --set edit.layers=[8] --set edit.baft.gate_layer=null")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "edit_quality.md")
     args = ap.parse_args(argv)
 
-    params = load_params()
+    params = load_params(overrides=parse_overrides(args.overrides))
     model, tokenizer = load_model(args.model or params["model"]["name"])
     fluency_tokens = params["eval"]["fluency_tokens"]
     rows = []
@@ -94,6 +100,21 @@ def main(argv=None):
     print(table)
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """["edit.baft.threshold=0.6"] -> {"edit": {"baft": {"threshold": 0.6}}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
 def render(rows, args, params) -> str:
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -103,7 +124,8 @@ def render(rows, args, params) -> str:
             f"Model: {params['model']['name']}; device: {device}; records from offset {args.offset}.  ",
             f"Edit layers {e['layers']}, gate layer {e['baft'].get('gate_layer')}, "
             f"{e['baft']['bases_per_edit']} bases per edit, <= {e['steps']} steps; LoRA rank "
-            f"{e['lora']['rank']} on the MLP down-projection of the same layers.", "",
+            f"{e['lora']['rank']} on the MLP down-projection of the same layers.",
+            f"Overrides: {' '.join(args.overrides) or 'none'}.", "",
             "| dataset | method | batch | reliability | generality | locality | exact match | fluency "
             "| mean of rel/gen/loc | s per edit | adapter bytes per edit |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -5,7 +5,7 @@ On disk (peft style)::
     manifest.json          format version, base model id and fingerprint, method,
                            layers, per block: facts, training run, data version;
                            the sha256 of the weights file
-    adapter.safetensors    blocks.<i>.layers.<L>.{R,W,b,G,c}  (BaFT / ReFT)
+    adapter.safetensors    blocks.<i>.layers.<L>.{R,W,b,G,c,center}  (BaFT / ReFT)
                            blocks.<i>.layers.<L>.{lora_A,lora_B} (LoRA baseline)
                            blocks.<i>.owner: the fact index of every basis
 
@@ -36,6 +36,7 @@ from .models import fingerprint
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "adapter.safetensors"
+TENSORS = ("R", "W", "b", "G", "c", "center")
 
 
 class AdapterError(ValueError):
@@ -133,7 +134,7 @@ class AdapterSet:
         out = {}
         for i, b in enumerate(self.blocks):
             for L, iv in b.interventions.items():
-                for name in ("R", "W", "b", "G", "c"):
+                for name in TENSORS:
                     out[f"blocks.{i}.layers.{L}.{name}"] = getattr(iv, name).detach().cpu().contiguous()
             for L, lw in b.lora.items():
                 out[f"blocks.{i}.layers.{L}.lora_A"] = lw["A"].detach().cpu().contiguous()
@@ -191,9 +192,10 @@ class AdapterSet:
                                      "scale": float(meta["lora_scale"][str(L)])}
                     continue
                 g = meta["gate"]
-                iv = BaFTIntervention(g["hidden_size"], g["rank"], g["gated"], g["sharpness"], g["threshold"])
+                iv = BaFTIntervention(g["hidden_size"], g["rank"], g["gated"], g["sharpness"], g["threshold"],
+                                      g.get("gate_layer"))
                 with torch.no_grad():
-                    for name in ("R", "W", "b", "G", "c"):
+                    for name in TENSORS:
                         getattr(iv, name).copy_(tensors[prefix + name])
                 iv.requires_grad_(False)
                 block.interventions[L] = iv

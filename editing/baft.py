@@ -12,7 +12,11 @@ BaFT gives every basis k its own input-dependent weight s_k(h) in (0, 1):
 Our weight function is a learned key per basis, a soft cousin of GRACE's codebook
 keys with radii. It reads the direction of h, not its scale:
 
-    s_k(h) = sigmoid(g_k^T h/|h| + c_k)
+    s_k(h) = sigmoid(g_k^T u(h) + c_k),   u(h) = (h - m)/|h - m|
+
+m is the mean residual of ordinary text at that layer. Without it every hidden
+state shares a large common direction (early positions most of all), unrelated
+tokens look alike to the keys, and the weights leak.
 
 g_k starts as ``sharpness`` times the unit representation of the fact the basis
 was assigned to, and c_k = -sharpness * threshold, so a basis starts open on its
@@ -50,6 +54,7 @@ class BaFTIntervention(nn.Module):
         self.b = nn.Parameter(torch.zeros(rank))                # b_k
         self.G = nn.Parameter(torch.zeros(rank, hidden_size))   # gate keys g_k
         self.c = nn.Parameter(torch.zeros(rank))                # gate biases c_k
+        self.register_buffer("center", torch.zeros(hidden_size))  # m
         nn.init.orthogonal_(self.R)
 
     # -- the mathematics ------------------------------------------------------
@@ -57,8 +62,8 @@ class BaFTIntervention(nn.Module):
         """s(h): (..., rank) basis weights in (0, 1), or ones for ReFT."""
         if not self.gated:
             return h.new_ones(*h.shape[:-1], self.rank)
-        unit = F.normalize(h, dim=-1)
-        return torch.sigmoid(unit @ self.G.T + self.c)
+        unit = F.normalize(h - self.center.to(h.dtype), dim=-1)
+        return torch.sigmoid(unit @ self.G.T.to(h.dtype) + self.c.to(h.dtype))
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Phi(h); ``weights`` are s(.) read elsewhere (a gate layer), else s(h)."""
@@ -71,7 +76,7 @@ class BaFTIntervention(nn.Module):
     @torch.no_grad()
     def init_keys(self, keys: torch.Tensor) -> None:
         """Open basis k on the representation keys[k] and close it elsewhere."""
-        self.G.copy_(self.sharpness * F.normalize(keys.to(self.G), dim=-1))
+        self.G.copy_(self.sharpness * F.normalize(keys.to(self.G) - self.center, dim=-1))
         self.c.fill_(-self.sharpness * self.threshold)
 
     @torch.no_grad()
@@ -92,14 +97,16 @@ class BaFTIntervention(nn.Module):
     @classmethod
     def stack(cls, parts: list["BaFTIntervention"]) -> "BaFTIntervention":
         """One intervention equal to applying the sum of all parts' basis terms."""
-        if len({(p.gated, p.gate_layer) for p in parts}) != 1:
-            raise ValueError("cannot stack interventions with different gating")
+        if len({(p.gated, p.gate_layer) for p in parts}) != 1 or \
+                any(not torch.equal(p.center, parts[0].center) for p in parts):
+            raise ValueError("cannot stack interventions with different gating or gate centres")
         first = parts[0]
         out = cls(first.hidden_size, sum(p.rank for p in parts), first.gated,
                   first.sharpness, first.threshold, first.gate_layer)
         with torch.no_grad():
             for name in ("R", "W", "b", "G", "c"):
                 getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))
+            out.center.copy_(first.center)
         return out.to(first.R.device)
 
 
@@ -109,9 +116,15 @@ def causal_pool(s: torch.Tensor, valid: torch.Tensor | None = None,
 
     s: (batch, T, rank) weights per position; valid: (batch, T) False at padding;
     past: (batch, rank) the running maximum of earlier tokens (KV-cache decoding).
+    Without ``past`` the call starts the sequence, and its first real token is left out.
     """
-    if valid is not None:
-        s = s * valid.unsqueeze(-1).to(s.dtype)
+    if valid is None:
+        valid = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+    if past is None:
+        # A sequence's first token is an attention sink: its state barely depends
+        # on the token, so it would match every key. It has no say.
+        valid = valid & (valid.long().cumsum(1) > 1)
+    s = s * valid.unsqueeze(-1).to(s.dtype)
     if past is not None:
         s = torch.maximum(s, past.unsqueeze(1).to(s.dtype))
     return torch.cummax(s, dim=1).values

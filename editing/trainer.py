@@ -61,6 +61,7 @@ class Encoded:
     fact: torch.Tensor         # (n,) index of the fact, -1 for generic text
     target_mask: torch.Tensor  # (n, T) positions whose *next* token is a target token
     subject_pos: torch.Tensor  # (n,) position of the subject's last token, -1 if none
+    keep_mask: torch.Tensor    # (n, T) positions whose next token continues after the target
 
 
 def _subject_last_token(tokenizer, text: str, subject: str) -> int:
@@ -79,40 +80,51 @@ def _subject_last_token(tokenizer, text: str, subject: str) -> int:
     return last
 
 
-def encode(tokenizer, items: list[tuple[str, str | None, str | None, int]]) -> Encoded:
-    """items: (prompt, target or None, subject or None, fact index)."""
-    rows, masks, subj = [], [], []
-    for prompt, target, subject, _ in items:
+def encode(tokenizer, items: list[tuple]) -> Encoded:
+    """items: (prompt, target or None, subject or None, fact index[, continuation])."""
+    rows, masks, keeps, subj = [], [], [], []
+    for prompt, target, subject, _, *rest in items:
         p_ids = tokenizer(prompt)["input_ids"]
-        ids = tokenizer(prompt + " " + target)["input_ids"] if target else p_ids
-        mask = [0] * len(ids)
-        for t in range(len(p_ids), len(ids)):
+        t_ids = tokenizer(prompt + " " + target)["input_ids"] if target else p_ids
+        ids = tokenizer(prompt + " " + target + rest[0])["input_ids"] if target and rest and rest[0] else t_ids
+        mask, keep = [0] * len(ids), [0] * len(ids)
+        for t in range(len(p_ids), len(t_ids)):
             mask[t - 1] = 1
+        for t in range(len(t_ids), len(ids)):
+            keep[t - 1] = 1
         rows.append(ids)
         masks.append(mask)
+        keeps.append(keep)
         subj.append(_subject_last_token(tokenizer, prompt, subject) if subject else -1)
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     tmask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (r, m) in enumerate(zip(rows, masks)):
+    kmask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, m, k) in enumerate(zip(rows, masks, keeps)):
         ids[i, : len(r)] = torch.tensor(r)
         tmask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        kmask[i, : len(k)] = torch.tensor(k, dtype=torch.bool)
     return Encoded(ids, torch.tensor([len(r) for r in rows]),
-                   torch.tensor([it[3] for it in items]), tmask, torch.tensor(subj))
+                   torch.tensor([it[3] for it in items]), tmask, torch.tensor(subj), kmask)
 
 
 @torch.no_grad()
-def residual_at(model, ids: torch.Tensor, layers: tuple[int, ...], chunk: int = 64) -> list[torch.Tensor]:
-    """Hidden states entering each decoder layer in ``layers``, for right-padded ``ids``."""
+def residual_at(model, ids: torch.Tensor, layers: tuple[int, ...], chunk: int = 64,
+                with_argmax: bool = False):
+    """Hidden states entering each decoder layer in ``layers``, for right-padded
+    ``ids``; with ``with_argmax`` also the model's next-token argmax everywhere."""
     device = next(model.parameters()).device
     out = [[] for _ in layers]
+    argmax = []
     for i in range(0, len(ids), chunk):
         part = ids[i:i + chunk].to(device)
-        hs = model(input_ids=part, output_hidden_states=True, use_cache=False).hidden_states
+        result = model(input_ids=part, output_hidden_states=True, use_cache=False)
         for k, L in enumerate(layers):
-            out[k].append(hs[L].float())
-    return [torch.cat(o) for o in out]
+            out[k].append(result.hidden_states[L].float())
+        if with_argmax:
+            argmax.append(result.logits.argmax(-1))
+    states = [torch.cat(o) for o in out]
+    return (states, torch.cat(argmax)) if with_argmax else states
 
 
 @torch.no_grad()
@@ -171,12 +183,24 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _positive_items(facts: list[Fact], prefixes: list[str]) -> list[tuple]:
+def _positive_items(facts: list[Fact], prefixes: list[str], continuations: list[str] | None = None) -> list[tuple]:
     items = []
     for i, f in enumerate(facts):
         for ctx in [""] + prefixes:
-            items.append(((ctx + " " + f.prompt).strip(), f.target_new, f.subject, i))
+            items.append(((ctx + " " + f.prompt).strip(), f.target_new, f.subject, i,
+                          continuations[i] if continuations else ""))
     return items
+
+
+@torch.no_grad()
+def _continuations(model, tokenizer, facts: list[Fact], n_tokens: int) -> list[str]:
+    """What the model says after each new answer, so the edit can learn to stop there."""
+    if n_tokens <= 0:
+        return ["" for _ in facts]
+    from .metrics import greedy
+
+    texts = [f.prompt + " " + f.target_new for f in facts]
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in greedy(model, tokenizer, texts, n_tokens)]
 
 
 def _negative_items(facts: list[Fact], swaps: int, rng: random.Random) -> list[tuple]:
@@ -224,34 +248,58 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
                              "blocks of one set must share baft.gate_layer")
 
     prefixes = model_prefixes(model, tokenizer, cfg["prefixes"], cfg["prefix_tokens"], params["seed"])
-    pos = encode(tokenizer, _positive_items(facts, prefixes))
-    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng))
     with _attached(model, existing):
-        pos_h, pos_g = residual_at(model, pos.ids, (start, key_layer))
+        continuations = _continuations(model, tokenizer, facts, cfg["continuation_tokens"])
+    pos = encode(tokenizer, _positive_items(facts, prefixes, continuations))
+    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng))
+    # Anchors: the subject behind each prefix, so the weights open on the subject
+    # wherever it stands (causal: only what precedes it matters).
+    anchors = encode(tokenizer, [(text, None, f.subject, i) for i, f in enumerate(facts)
+                                 for text in [p + " " + f.subject for p in prefixes]])
+    # Frozen states, computed once: the residual at the first edit layer (the
+    # trunk resumes from it) and at the key layer (the weights read it).
+    with _attached(model, existing):
+        (pos_h, pos_g), pos_next = residual_at(model, pos.ids, (start, key_layer), with_argmax=True)
         neg_g = residual_at(model, neg.ids, (key_layer,))[0]
+        anchor_g = residual_at(model, anchors.ids, (key_layer,))[0]
 
     n_facts, per = len(facts), cfg["bases_per_edit"]
     rank = n_facts * per
     owner = torch.arange(n_facts).repeat_interleave(per)          # fact of each basis
     block = {L: BaFTIntervention(model.config.hidden_size, rank, gated, cfg["sharpness"],
                                  cfg["threshold"], gate_layer).to(device) for L in layers}
-    # Keys: the subject's last token in the plain prompt, then in prefixed variants.
+    # Keys: the subject's last token behind the prefixes.
     n_var = 1 + len(prefixes)
     subj = pos.subject_pos.clone()
     no_subject = subj < 0
     subj[no_subject] = (pos.lengths - 1 - pos.target_mask.sum(1))[no_subject]  # last prompt token
-    key_rows = torch.tensor([i * n_var + (j % n_var) for i in range(n_facts) for j in range(per)])
-    keys = pos_g[key_rows, subj[key_rows]]
+    # Position 0 is an attention sink that looks alike whatever its token: a subject
+    # that opens the prompt is keyed from the anchors instead (the subject behind a
+    # prefix), and its own prompt does not pull the weights open at position 0.
+    opens_prompt = subj < 1
+    subj = subj.clamp_min(1)
+    if prefixes:
+        rows = torch.tensor([i * len(prefixes) + (j % len(prefixes)) for i in range(n_facts) for j in range(per)])
+        keys = anchor_g[rows, anchors.subject_pos[rows].clamp_min(1)]
+    else:
+        rows = torch.tensor([i * n_var for i in range(n_facts) for _ in range(per)])
+        keys = pos_g[rows, subj[rows]]
+    center = _text_center(model, tokenizer, key_layer)
     for iv in block.values():
+        iv.center.copy_(center)
         iv.init_keys(keys)
         with torch.no_grad():
             iv.W.copy_(iv.R)  # Phi(h) = h at initialisation
 
-    gate_iv = block[start]
+    pos_subj_g = pos_g[torch.arange(len(subj)), subj]
     neg_owner_mask = _negative_mask(neg, owner, device)
     own = (owner.unsqueeze(0) == pos.fact.unsqueeze(1)).to(device)   # (n_pos, rank)
+    own_open = own & ~opens_prompt.to(device).unsqueeze(1)
+    anchor_s = anchor_g[torch.arange(len(anchors.ids)), anchors.subject_pos.clamp_min(1)]
+    anchor_own = (owner.unsqueeze(0) == anchors.fact.unsqueeze(1)).to(device)
     cross = ~own & _different_subject(pos.fact, owner, facts).to(device)
-    neg_valid = torch.arange(neg_g.shape[1])[None, :] < neg.lengths[:, None]
+    # Positions whose weights count: real tokens after the first (see causal_pool).
+    neg_valid = (torch.arange(neg_g.shape[1])[None, :] < neg.lengths[:, None]) & (torch.arange(neg_g.shape[1]) > 0)
     pos_valid = torch.arange(pos_g.shape[1])[None, :] < pos.lengths[:, None]
 
     trainable = [p for iv in block.values() for n, p in iv.named_parameters() if gated or n in ("R", "W", "b")]
@@ -276,7 +324,9 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
             pooled_weights(rows, width)
             states = trunk.states(ids, pos_h[rows, :width])
             tmask = pos.target_mask[rows, :width].to(device)
-            return model.lm_head(states[tmask]).float(), _next_tokens(ids, tmask)
+            kmask = pos.keep_mask[rows, :width].to(device)
+            keep = (model.lm_head(states[kmask]).float(), pos_next[rows, :width].to(device)[kmask])
+            return model.lm_head(states[tmask]).float(), _next_tokens(ids, tmask), keep
 
         for step in range(1, steps + 1):
             if cursor + batch > len(order):
@@ -284,16 +334,21 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
                 cursor = 0
             rows = torch.tensor(order[cursor:cursor + batch])
             cursor += batch
-            logits, labels = forward_targets(rows)
+            logits, labels, (keep_logits, keep_labels) = forward_targets(rows)
             edit_loss = F.cross_entropy(logits, labels)
             loss = w["edit"] * edit_loss
-            if gated:
-                s_pos = gate_iv.weights(pos_g[torch.arange(len(subj)), subj])      # (n_pos, rank)
-                gate_pos = _bce(s_pos, own, positive=True)
-                # Other facts' subjects (cross), swapped subjects and generic text: closed
-                # at their worst position.
-                gate_neg = _bce((gate_iv.weights(neg_g) * neg_valid[..., None]).amax(1), neg_owner_mask > 0,
-                                positive=False) + _bce(s_pos, cross, positive=False)
+            if len(keep_labels):   # after the answer, the model goes on as before
+                loss = loss + w["continuation"] * F.cross_entropy(keep_logits, keep_labels)
+            for iv in block.values() if gated else ():
+                s_pos = iv.weights(pos_subj_g)                                  # (n_pos, rank)
+                # Open on the fact's own subject, in its prompts and as an anchor.
+                gate_pos = _bce(s_pos, own_open, positive=True) + _bce(iv.weights(anchor_s), anchor_own, positive=True)
+                # Closed on swapped subjects, generic text and the other facts'
+                # sequences (cross), at their worst position.
+                gate_neg = _bce(_worst(iv.weights(neg_g), neg_valid), neg_owner_mask > 0, positive=False) \
+                    + _bce(_worst(iv.weights(pos_g), pos_valid & (torch.arange(pos_g.shape[1]) > 0)), cross,
+                           positive=False)
+                # Load balancing: every basis carries its share of the edits.
                 usage = s_pos.mean(0)
                 balance = rank * ((usage / usage.sum().clamp_min(1e-6)) ** 2).sum() - 1
                 loss = loss + w["gate_positive"] * gate_pos + w["gate_negative"] * gate_neg + w["balance"] * balance
@@ -302,24 +357,45 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
             opt.step()
             for iv in block.values():
                 iv.orthonormalise()
-                if cfg.get("tie_w"):
-                    with torch.no_grad():
-                        iv.W.copy_(iv.R)   # content independent of h: b_k along r_k
             loss_value = float(loss.detach())
             bar.set_postfix(loss=f"{loss_value:.3f}", edit=f"{float(edit_loss.detach()):.3f}")
             bar.update(1)
-            if step % params["early_stop"]["check_every"] == 0:
-                with torch.no_grad():
-                    logits, labels = forward_targets(torch.arange(0, len(pos.ids), n_var))  # plain prompts
-                    probs = logits.softmax(-1)
-                    p_target = probs.gather(1, labels[:, None]).squeeze(1)
-                if (p_target >= params["early_stop"]["min_target_prob"]).all() and (probs.argmax(-1) == labels).all():
-                    stopped = True
-                    break
+            if step % params["early_stop"]["check_every"] == 0 and _every_target_learned(
+                    forward_targets, len(pos.ids), batch, params["early_stop"]["min_target_prob"]):
+                stopped = True
+                break
     bar.close()
     for iv in block.values():
         iv.requires_grad_(False)
     return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
+
+
+@torch.no_grad()
+def _text_center(model, tokenizer, layer: int, skip: int = 2) -> torch.Tensor:
+    """Mean residual of generic text at ``layer``, leaving out the first positions
+    (attention sinks). Fixed text, so every block of a set gets the same centre."""
+    enc = encode(tokenizer, [(t, None, None, -1) for t in GENERIC_TEXT])
+    h = residual_at(model, enc.ids, (layer,))[0]
+    valid = torch.arange(h.shape[1])[None, :] < enc.lengths[:, None]
+    valid[:, :skip] = False
+    return h[valid].mean(0)
+
+
+@torch.no_grad()
+def _every_target_learned(forward_targets, n_rows: int, batch: int, min_prob: float) -> bool:
+    """Early stopping: every target token of every positive (prompt and prefixed
+    variants) is the argmax and at least ``min_prob`` likely."""
+    for i in range(0, n_rows, batch):
+        logits, labels, _ = forward_targets(torch.arange(i, min(i + batch, n_rows)))
+        probs = logits.softmax(-1)
+        if (probs.gather(1, labels[:, None]) < min_prob).any() or (probs.argmax(-1) != labels).any():
+            return False
+    return True
+
+
+def _worst(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(n, T, rank) weights -> (n, rank) the largest over each sequence's real positions."""
+    return (s * valid[..., None].to(s.dtype)).amax(1)
 
 
 def _bce(s: torch.Tensor, select: torch.Tensor, positive: bool) -> torch.Tensor:
@@ -335,13 +411,11 @@ def _next_tokens(ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
 
 
 def _different_subject(fact_of_row: torch.Tensor, owner: torch.Tensor, facts: list[Fact]) -> torch.Tensor:
-    keys = [normalise(f.subject) for f in facts]
-    out = torch.ones(len(fact_of_row), len(owner), dtype=torch.bool)
-    for r, fi in enumerate(fact_of_row.tolist()):
-        for k, o in enumerate(owner.tolist()):
-            if fi >= 0 and keys[fi] == keys[o]:
-                out[r, k] = False
-    return out
+    """(rows, rank): True where the row's fact and the basis's fact name different subjects."""
+    ids: dict[str, int] = {}
+    subject = torch.tensor([ids.setdefault(normalise(f.subject), len(ids)) for f in facts])
+    row_subject = torch.where(fact_of_row >= 0, subject[fact_of_row.clamp_min(0)], -1)
+    return row_subject.unsqueeze(1) != subject[owner].unsqueeze(0)
 
 
 def _negative_mask(neg: Encoded, owner: torch.Tensor, device) -> torch.Tensor:
@@ -403,7 +477,7 @@ def train_lora(model, tokenizer, facts, params, existing=None, progress=True):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             bar.set_postfix(loss=f"{loss_value:.3f}")
             bar.update(1)
         weights = {}

@@ -64,9 +64,10 @@ def test_causal_pool_masks_padding_and_carries_the_past():
     s = torch.tensor([[[0.9], [0.2], [0.1]], [[0.1], [0.5], [0.3]]])
     valid = torch.tensor([[False, True, True], [True, True, True]])
     pooled = causal_pool(s, valid)
-    assert torch.allclose(pooled[:, :, 0], torch.tensor([[0.0, 0.2, 0.2], [0.1, 0.5, 0.5]]))
+    # padding and each row's first real token (an attention sink) have no say
+    assert torch.allclose(pooled[:, :, 0], torch.tensor([[0.0, 0.0, 0.1], [0.0, 0.5, 0.5]]))
     carried = causal_pool(s[:, -1:], None, past=pooled[:, -1])
-    assert torch.allclose(carried[:, 0, 0], torch.tensor([0.2, 0.5]))
+    assert torch.allclose(carried[:, 0, 0], torch.tensor([0.1, 0.5]))
 
 
 def test_stack_equals_sum_of_blocks():
@@ -184,3 +185,21 @@ def test_set_attach_is_one_stacked_module_per_layer(tiny_model, tokenizer):
     iv = BaFTIntervention.stack([b.interventions[1] for b in s.blocks])
     with attach_interventions(tiny_model, {1: iv}):
         assert torch.equal(tiny_model(ids).logits, stacked)
+
+
+def test_blocks_with_different_gate_centres_do_not_stack():
+    a, b = _random_intervention(32, 2, seed=1), _random_intervention(32, 2, seed=2)
+    b.center.fill_(0.5)
+    with pytest.raises(ValueError, match="centre"):
+        BaFTIntervention.stack([a, b])
+
+
+def test_gate_centre_is_saved_and_used(tiny_model, tokenizer, tmp_path):
+    s = _adapter_set(tiny_model, blocks=1)
+    iv = s.blocks[0].interventions[1]
+    iv.center.normal_()
+    h = torch.randn(2, 64)
+    s.save(tmp_path / "set")
+    loaded = AdapterSet.load(tmp_path / "set").blocks[0].interventions[1]
+    assert torch.equal(loaded.center, iv.center)
+    assert torch.equal(loaded.weights(h), iv.weights(h))

@@ -160,10 +160,7 @@ def test_prepare_cli_and_module_entry(versions, tmp_path):
 
 @pytest.mark.integration
 def test_full_dvc_repro_rebuilds_an_adapter_set_from_a_data_version(tmp_path, request):
-    """prepare -> edit -> evaluate with the embedded model (slow: run with -m integration)."""
-    if "integration" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("trains with the embedded model: run with -m integration")
-    pytest.importorskip("flows.cli_edit")
+    """prepare -> edit -> evaluate with the embedded model (four facts, about a minute)."""
     h = init_workspace(tmp_path / "home")
     submit([ROOT / "data" / "samples" / "demo-facts.jsonl"], h)
     r = ingest(h)

@@ -85,3 +85,19 @@ def test_gate_layer_must_precede_the_edit_layer(tiny_model, tokenizer):
     p["baft"]["gate_layer"] = 3
     with pytest.raises(ValueError, match="gate_layer"):
         edit(tiny_model, tokenizer, FACTS, p, progress=False)
+
+
+def test_continuation_loss_keeps_the_base_models_next_tokens(tiny_model, tokenizer):
+    p = tiny_params(steps=4)
+    p["baft"]["continuation_tokens"] = 3
+    p["loss_weights"]["continuation"] = 1.0
+    from editing.trainer import _continuations, _positive_items
+
+    conts = _continuations(tiny_model, tokenizer, FACTS, 3)
+    enc = encode(tokenizer, _positive_items(FACTS, [], conts))
+    assert enc.keep_mask.sum(1).tolist() == [
+        len(tokenizer(f.prompt + " " + f.target_new + c)["input_ids"])
+        - len(tokenizer(f.prompt + " " + f.target_new)["input_ids"]) for f, c in zip(FACTS, conts)]
+    assert not (enc.keep_mask & enc.target_mask).any()
+    s = edit(tiny_model, tokenizer, FACTS, p, progress=False)
+    assert s.blocks[0].stats["steps"] >= 1
