@@ -38,11 +38,11 @@ def test_cli_edit_eval_generate(tmp_path):
     assert (out / "manifest.json").exists()
     result = runner.invoke(main, ["eval", str(out), str(facts), "--json"])
     assert result.exit_code == 0, result.output
-    means = json.loads(result.output.strip().splitlines()[-1])["means"]
+    means = json.loads(result.stdout.strip().splitlines()[-1])["means"]
     assert means["reliability"] >= 0.9
     result = runner.invoke(main, ["generate", str(out), "The Eiffel Tower is located in the city of"])
     assert result.exit_code == 0, result.output
-    assert "Rome" in result.output
+    assert "Rome" in result.stdout
 
 
 def test_cli_edit_rejects_bad_records_and_writes_nothing(tmp_path):
