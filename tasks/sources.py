@@ -315,18 +315,22 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
 
 
-def _read_json(path: Path, chunk_records: int) -> Iterator[RawChunk]:
-    """A JSON array of records (CounterFact, zsRE, KnowEdit, or the project schema), a
-    single JSON object, or JSON Lines saved as .json. Records carry their starting line."""
+def _decode_file(path: Path) -> tuple[str, bool]:
+    """The file's text without a BOM, and whether it was clean UTF-8 (undecodable
+    bytes survive as surrogates, so the record can be quarantined with its reason)."""
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
-        text = data.decode("utf-8")
-        clean = True
+        return data.decode("utf-8"), True
     except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="surrogateescape")
-        clean = False
+        return data.decode("utf-8", errors="surrogateescape"), False
+
+
+def _read_json(path: Path, chunk_records: int) -> Iterator[RawChunk]:
+    """A JSON array of records (CounterFact, zsRE, KnowEdit, or the project schema), a
+    single JSON object, or JSON Lines saved as .json. Records carry their starting line."""
+    text, clean = _decode_file(path)
     start = len(text) - len(text.lstrip())
     if not text[start:start + 1] == "[":
         stripped = text.strip()
@@ -418,15 +422,7 @@ def _csv_cell(name: str, value: str):
 
 def _read_csv(path: Path, chunk_records: int) -> Iterator[RawChunk]:
     """CSV with a header row. Empty cells are absent fields; ``line`` is the row's first line."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        text = data.decode("utf-8")
-        clean = True
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="surrogateescape")
-        clean = False
+    text, clean = _decode_file(path)
     reader = csv.reader(io.StringIO(text, newline=""))
     chunk = RawChunk()
     try:
