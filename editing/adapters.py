@@ -12,6 +12,13 @@ On disk (peft style)::
 Loading never unpickles anything. A save is atomic: the directory is written
 beside its destination and swapped in with a rename, so a crash leaves the old
 set or the new one, never half of one.
+
+Lifelong editing operates on the set (each returns a new set, the old one is
+left as it was): ``extend`` trains a new block on top, ``retract`` removes the
+bases of single facts, ``rollback`` removes a whole block, ``consolidate``
+merges every block into one. Because the blocks at a layer act as one sum of
+basis terms, removing a fact's or a block's bases gives exactly the outputs of
+the set that never had them.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from torch import nn
 
 from .attach import AttachHandle, attach_interventions, decoder_layers
 from .baft import BaFTIntervention
+from .facts import Fact, fact_key
 from .models import fingerprint
 
 FORMAT_VERSION = 1
@@ -40,13 +48,35 @@ TENSORS = ("R", "W", "b", "G", "c", "center")
 
 
 class AdapterError(ValueError):
-    """An adapter set that cannot be loaded or attached."""
+    """An adapter set that cannot be loaded, attached or changed as asked."""
+
+
+class UnknownFactError(AdapterError):
+    """A retract (or lookup) of facts the adapter set does not hold."""
+
+    def __init__(self, fact_ids: list[str]):
+        self.fact_ids = list(fact_ids)
+        shown = ", ".join(self.fact_ids[:10]) + (" ..." if len(self.fact_ids) > 10 else "")
+        super().__init__(f"{len(self.fact_ids)} fact(s) not in the adapter set: {shown}")
+
+
+def record_of(fact: Fact) -> dict:
+    """What a block remembers of each fact it edits (the manifest's ``records``)."""
+    return {"fact_id": fact.fact_id, "key": edit_key(fact), "subject": fact.subject,
+            "prompt": fact.prompt, "target_new": fact.target_new,
+            "rephrase_prompts": list(fact.rephrase_prompts)}
+
+
+def edit_key(fact: Fact) -> str | None:
+    """Facts with the same normalised subject and prompt are one fact, whatever their ids."""
+    return fact_key(fact.subject, fact.prompt) if fact.subject and fact.prompt else None
 
 
 @dataclass
 class Block:
     """One training run's edits: interventions per layer, or LoRA weights per layer."""
     fact_ids: list[str]
+    records: list[dict] = field(default_factory=list)     # record_of(fact), in fact_ids order
     interventions: dict[int, BaFTIntervention] = field(default_factory=dict)
     lora: dict[int, dict] = field(default_factory=dict)   # {layer: {"A", "B", "scale"}}
     owner: torch.Tensor | None = None                      # fact index of each basis
@@ -60,6 +90,27 @@ class Block:
     def layers(self) -> list[int]:
         return sorted(self.interventions or self.lora)
 
+    def without(self, drop: set[int]) -> "Block | None":
+        """This block less the facts at indices ``drop``; None when nothing is left."""
+        if not drop:
+            return self
+        if len(drop) == len(self.fact_ids):
+            return None
+        if self.lora:
+            raise AdapterError(f"block {self.block_id} is a LoRA block: its weights are shared by all "
+                               "its facts, so single facts cannot be removed; roll back the block")
+        keep_facts = [i for i in range(len(self.fact_ids)) if i not in drop]
+        new_index = {old: new for new, old in enumerate(keep_facts)}
+        rows = torch.tensor([k for k, o in enumerate(self.owner.tolist()) if o not in drop])
+        out = Block(fact_ids=[self.fact_ids[i] for i in keep_facts],
+                    records=[self.records[i] for i in keep_facts] if self.records else [],
+                    owner=torch.tensor([new_index[o] for o in self.owner.tolist() if o not in drop]),
+                    block_id=self.block_id, training_run=self.training_run,
+                    data_version=self.data_version, created_at=self.created_at,
+                    stats=dict(self.stats, removed=self.stats.get("removed", 0) + len(drop)))
+        out.interventions = {L: iv.select(rows) for L, iv in self.interventions.items()}
+        return out
+
 
 @dataclass
 class AdapterSet:
@@ -67,6 +118,9 @@ class AdapterSet:
     base_fingerprint: str
     method: str
     blocks: list[Block] = field(default_factory=list)
+    # What the call that made this set changed (edit/extend): added, superseded,
+    # retracted fact ids and the new block's id. Not saved.
+    changes: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- building -------------------------------------------------------------
     @classmethod
@@ -81,6 +135,79 @@ class AdapterSet:
     @property
     def fact_ids(self) -> list[str]:
         return [f for b in self.blocks for f in b.fact_ids]
+
+    def copy(self) -> "AdapterSet":
+        return AdapterSet(self.base_model, self.base_fingerprint, self.method, list(self.blocks))
+
+    def facts(self) -> list[Fact]:
+        """The live facts, rebuilt from the blocks' records (for retention checks)."""
+        return [Fact(subject=r["subject"], prompt=r["prompt"], target_new=r["target_new"],
+                     fact_id=r["fact_id"], rephrase_prompts=list(r.get("rephrase_prompts") or []))
+                for b in self.blocks for r in b.records]
+
+    def locate(self, fact: Fact | str) -> list[tuple[int, int]]:
+        """(block index, fact index) of every live edit of ``fact``: the same fact_id,
+        or the same normalised subject and prompt."""
+        fid, key = (fact, None) if isinstance(fact, str) else (fact.fact_id, edit_key(fact))
+        return [(bi, fi) for bi, b in enumerate(self.blocks)
+                for fi in range(len(b.fact_ids))
+                if b.fact_ids[fi] == fid or (key is not None and b.records and b.records[fi]["key"] == key)]
+
+    # -- lifelong operations (each returns a new set) ---------------------------
+    def extend(self, model, tokenizer, facts: list[Fact], params: dict, *, progress: bool = True,
+               **block_meta) -> "AdapterSet":
+        """Apply ``facts`` (upserts and retracts) on top of this set; see ``editing.edit``."""
+        from .editor import edit
+        return edit(model, tokenizer, facts, params, base=self, progress=progress, **block_meta)
+
+    def retract(self, facts: list[Fact | str]) -> "AdapterSet":
+        """This set without the edits of ``facts`` (fact ids or Facts).
+        Raises UnknownFactError, changing nothing, if any of them is not live."""
+        drop: dict[int, set[int]] = {}
+        unknown = []
+        for f in facts:
+            hits = self.locate(f)
+            if not hits:
+                unknown.append(f if isinstance(f, str) else f.fact_id)
+            for bi, fi in hits:
+                drop.setdefault(bi, set()).add(fi)
+        if unknown:
+            raise UnknownFactError(unknown)
+        out = self.copy()
+        out.blocks = [nb for bi, b in enumerate(self.blocks)
+                      if (nb := b.without(drop.get(bi, set()))) is not None]
+        return out
+
+    def rollback(self, block_id: str) -> "AdapterSet":
+        """This set without the block ``block_id`` (a whole night's batch)."""
+        if block_id not in {b.block_id for b in self.blocks}:
+            raise AdapterError(f"no block {block_id!r} in this adapter set; blocks: "
+                               f"{', '.join(b.block_id for b in self.blocks) or 'none'}")
+        out = self.copy()
+        out.blocks = [b for b in self.blocks if b.block_id != block_id]
+        return out
+
+    def consolidate(self) -> "AdapterSet":
+        """One block holding every block's bases, stacked per layer. Same outputs;
+        single facts can still be retracted; the merged blocks are listed in its stats."""
+        if len(self.blocks) < 2:
+            return self.copy()
+        if len({tuple(b.layers) for b in self.blocks}) != 1:
+            raise AdapterError("blocks edit different layers; consolidate sets of one layout")
+        merged = Block(fact_ids=self.fact_ids, records=[r for b in self.blocks for r in b.records],
+                       stats={"consolidated_from": [
+                           {"block_id": b.block_id, "training_run": b.training_run,
+                            "data_version": b.data_version, "facts": len(b.fact_ids)} for b in self.blocks]})
+        if self.method == "lora":
+            merged.lora = {L: _merge_lora([b.lora[L] for b in self.blocks]) for L in self.layers}
+        else:
+            merged.interventions = {L: BaFTIntervention.stack([b.interventions[L] for b in self.blocks])
+                                    for L in self.layers}
+            offsets = torch.tensor([0] + [len(b.fact_ids) for b in self.blocks]).cumsum(0)
+            merged.owner = torch.cat([b.owner + offsets[i] for i, b in enumerate(self.blocks)])
+        out = self.copy()
+        out.blocks = [merged]
+        return out
 
     @property
     def layers(self) -> list[int]:
@@ -119,7 +246,7 @@ class AdapterSet:
         for b in self.blocks:
             first = next(iter(b.interventions.values()), None)
             blocks.append({
-                "block_id": b.block_id, "facts": b.fact_ids, "layers": b.layers,
+                "block_id": b.block_id, "facts": b.fact_ids, "records": b.records, "layers": b.layers,
                 "rank": first.rank if first is not None else None,
                 "gate": first.config() if first is not None else None,
                 "lora_scale": {str(L): v["scale"] for L, v in b.lora.items()} or None,
@@ -181,7 +308,8 @@ class AdapterSet:
         tensors = load_file(str(weights))
         out = cls(manifest["base_model"], manifest["base_fingerprint"], manifest["method"])
         for i, meta in enumerate(manifest["blocks"]):
-            block = Block(fact_ids=list(meta["facts"]), block_id=meta["block_id"],
+            block = Block(fact_ids=list(meta["facts"]), records=list(meta.get("records") or []),
+                          block_id=meta["block_id"],
                           training_run=meta.get("training_run"), data_version=meta.get("data_version"),
                           created_at=meta.get("created_at", ""), stats=meta.get("stats") or {},
                           owner=tensors.get(f"blocks.{i}.owner"))
@@ -201,6 +329,12 @@ class AdapterSet:
                 block.interventions[L] = iv
             out.blocks.append(block)
         return out
+
+
+def _merge_lora(parts: list[dict]) -> dict:
+    """sum_i s_i B_i A_i = [s_1 B_1 ... s_n B_n] [A_1; ...; A_n]: one LoRA of the summed rank."""
+    return {"A": torch.cat([p["A"] for p in parts]),
+            "B": torch.cat([p["scale"] * p["B"] for p in parts], dim=1), "scale": 1.0}
 
 
 def _attach_lora(model, blocks: list[Block], device) -> AttachHandle:

@@ -94,6 +94,16 @@ class BaFTIntervention(nn.Module):
         kind = "BaFT" if self.gated else "ReFT"
         return f"{kind}, hidden_size={self.hidden_size}, rank={self.rank}"
 
+    def select(self, rows: torch.Tensor) -> "BaFTIntervention":
+        """A copy keeping only the bases ``rows``: the others' terms are simply gone."""
+        out = type(self)(self.hidden_size, len(rows), self.gated, self.sharpness, self.threshold,
+                         self.gate_layer)
+        with torch.no_grad():
+            for name in ("R", "W", "b", "G", "c"):
+                getattr(out, name).copy_(getattr(self, name)[rows.to(self.R.device)])
+            out.center.copy_(self.center)
+        return out.requires_grad_(False).to(self.R.device)
+
     @classmethod
     def stack(cls, parts: list["BaFTIntervention"]) -> "BaFTIntervention":
         """One intervention equal to applying the sum of all parts' basis terms."""

@@ -1,19 +1,46 @@
-"""Editing facts into an adapter set: the one call the CLI and the pipeline use."""
+"""Editing facts into an adapter set: the one call the CLI and the pipeline use.
+
+One call applies one batch of fact updates, in arrival order:
+- within the batch, a later update of the same fact (same ``fact_id``, or same
+  normalised subject and prompt) replaces an earlier one;
+- ``op: retract`` removes the fact's live edit (unknown facts raise
+  ``UnknownFactError``, and nothing changes);
+- an upsert of a live fact supersedes it: its old bases are removed before the
+  new block is trained, so the old target no longer comes out;
+- the remaining upserts become one new block, trained with the rest of the set
+  attached and frozen (the incremental form of BaFT's load balancing: new edits
+  take fresh bases, old bases are kept as they are).
+"""
 from __future__ import annotations
 
 import torch
 
-from .adapters import AdapterError, AdapterSet, Block
+from .adapters import AdapterError, AdapterSet, Block, UnknownFactError, edit_key, record_of
 from .facts import Fact
 from .trainer import train_block
 
 
+def newest_per_fact(facts: list[Fact]) -> list[Fact]:
+    """The last update of each fact, in the order of those last updates."""
+    slot_of: dict[str, int] = {}
+    slots: list[Fact | None] = []
+    for f in facts:
+        names = [f"id:{f.fact_id}"] + ([f"key:{k}"] if (k := edit_key(f)) else [])
+        for old in {slot_of[n] for n in names if n in slot_of}:
+            slots[old] = None
+        slot_of.update({n: len(slots) for n in names})
+        slots.append(f)
+    return [f for f in slots if f is not None]
+
+
 def edit(model, tokenizer, facts: list[Fact], params: dict, base: AdapterSet | None = None,
          progress: bool = True, **block_meta) -> AdapterSet:
-    """Train one block for ``facts`` and return the adapter set that holds it.
+    """Apply a batch of fact updates and return the new adapter set.
 
-    ``params`` is the ``edit`` section of params.yaml. With ``base``, the new
-    block is trained with ``base`` attached and appended to a copy of it.
+    ``params`` is the ``edit`` section of params.yaml. ``base`` (the set in
+    production) is not modified. The returned set's ``changes`` says what was
+    added, superseded and retracted, and the new block's id (None if the batch
+    held only retracts).
     """
     method = params["method"]
     if not facts:
@@ -22,20 +49,47 @@ def edit(model, tokenizer, facts: list[Fact], params: dict, base: AdapterSet | N
         base.check_base(model)
         if base.method != method:
             raise AdapterError(f"cannot extend a {base.method} adapter set with {method}")
-        out = AdapterSet(base.base_model, base.base_fingerprint, method, list(base.blocks))
-        existing = base.interventions() if method != "lora" else None
+        current = base.copy()
     else:
-        out = AdapterSet.for_model(model, method)
-        existing = None
-    weights, report = train_block(model, tokenizer, facts, params, existing=existing, progress=progress)
+        current = AdapterSet.for_model(model, method)
+    batch = newest_per_fact(facts)
+    retracts = [f for f in batch if f.op == "retract"]
+    upserts = [f for f in batch if f.op != "retract"]
+    # A retract of a fact this batch also upserted earlier is already handled by newest_per_fact.
+    earlier = {f.fact_id for f in facts if f.op != "retract"} | {edit_key(f) for f in facts if f.op != "retract"}
+    unknown = [f.fact_id for f in retracts if not current.locate(f)
+               and f.fact_id not in earlier and edit_key(f) not in earlier]
+    if unknown:
+        raise UnknownFactError(unknown)
+    retracted = [f for f in retracts if current.locate(f)]
+    superseded = [current.blocks[bi].fact_ids[fi] for f in upserts for bi, fi in current.locate(f)]
+    current = current.retract(retracted + superseded)
+    changes = {"added": [f.fact_id for f in upserts], "superseded": superseded,
+               "retracted": [f.fact_id for f in retracted], "block_id": None}
+    if not upserts:
+        current.changes = changes
+        return current
+
+    existing = current.interventions() if method != "lora" and current.blocks else None
+    if method == "lora" and current.blocks:
+        handle = current.attach(model)   # LoRA baselines train on top of earlier LoRA blocks
+    else:
+        handle = None
+    try:
+        weights, report = train_block(model, tokenizer, upserts, params, existing=existing, progress=progress)
+    finally:
+        if handle is not None:
+            handle.remove()
     stats = {"steps": report.steps, "seconds": round(report.seconds, 3),
              "final_loss": report.final_loss, "stopped_early": report.stopped_early}
-    block = Block(fact_ids=[f.fact_id for f in facts], stats=stats, **block_meta)
+    block = Block(fact_ids=[f.fact_id for f in upserts], records=[record_of(f) for f in upserts],
+                  stats=stats, **block_meta)
     if method == "lora":
         block.lora = weights
     else:
         block.interventions = weights
-        per = next(iter(weights.values())).rank // len(facts)
-        block.owner = torch.arange(len(facts)).repeat_interleave(per)
-    out.add_block(block)
-    return out
+        per = next(iter(weights.values())).rank // len(upserts)
+        block.owner = torch.arange(len(upserts)).repeat_interleave(per)
+    current.add_block(block)
+    current.changes = dict(changes, block_id=block.block_id)
+    return current

@@ -6,7 +6,9 @@
   are unchanged against the unedited base;
 - exact match: greedy decoding of the target's length equals the target;
 - fluency: n-gram entropy of a greedy generation, bigrams weighted 2/3 and
-  trigrams 4/3 (EasyEdit's ``n_gram_entropy``).
+  trigrams 4/3 (EasyEdit's ``n_gram_entropy``);
+- perplexity: of fixed unrelated text, for drift (the edited model's perplexity
+  over the base's, minus one).
 
 Every function takes the model as it should be measured: attach an adapter set
 before calling, or don't for the base.
@@ -114,3 +116,18 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
 def fluency(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[float]:
     gens = greedy(model, tokenizer, prompts, max_new_tokens)
     return [ngram_entropy(p + tokenizer.decode(g, skip_special_tokens=True)) for p, g in zip(prompts, gens)]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 16) -> float:
+    """Token-weighted perplexity of ``texts`` (each scored from its second token on)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+        logits = model(**enc, use_cache=False).logits[:, :-1].float()
+        labels = enc["input_ids"][:, 1:]
+        keep = enc["attention_mask"][:, 1:].bool() & enc["attention_mask"][:, :-1].bool()
+        nll = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
+        total, count = total + float(nll), count + int(keep.sum())
+    return math.exp(total / max(1, count))
