@@ -68,9 +68,18 @@ class BaFTIntervention(nn.Module):
     def forward(self, h: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Phi(h); ``weights`` are s(.) read elsewhere (a gate layer), else s(h)."""
         R = self.R.to(h.dtype)
-        delta = h @ (self.W.to(h.dtype) - R).T + self.b.to(h.dtype)   # w^T h + b - r^T h
+        delta = h @ self._w_minus_r().to(h.dtype).T + self.b.to(h.dtype)   # w^T h + b - r^T h
         s = self.weights(h) if weights is None else weights
         return h + (s.to(h.dtype) * delta) @ R
+
+    def _w_minus_r(self) -> torch.Tensor:
+        # Frozen (inference): computed once, not at every decoding step.
+        if torch.is_grad_enabled() and (self.W.requires_grad or self.R.requires_grad):
+            return self.W - self.R
+        version = (self.W._version, self.R._version, self.W.data_ptr(), self.R.data_ptr())
+        if getattr(self, "_cache_version", None) != version:
+            self._cache, self._cache_version = (self.W - self.R).detach(), version
+        return self._cache
 
     # -- initialisation and structure -----------------------------------------
     @torch.no_grad()
@@ -107,8 +116,9 @@ class BaFTIntervention(nn.Module):
     @classmethod
     def stack(cls, parts: list["BaFTIntervention"]) -> "BaFTIntervention":
         """One intervention equal to applying the sum of all parts' basis terms."""
+        # Centres agree up to float noise (the same text on another device or thread count).
         if len({(p.gated, p.gate_layer) for p in parts}) != 1 or \
-                any(not torch.equal(p.center, parts[0].center) for p in parts):
+                any(not torch.allclose(p.center, parts[0].center, rtol=1e-4, atol=1e-5) for p in parts):
             raise ValueError("cannot stack interventions with different gating or gate centres")
         first = parts[0]
         out = cls(first.hidden_size, sum(p.rank for p in parts), first.gated,

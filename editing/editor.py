@@ -76,7 +76,8 @@ def edit(model, tokenizer, facts: list[Fact], params: dict, base: AdapterSet | N
     else:
         handle = None
     try:
-        weights, report = train_block(model, tokenizer, upserts, params, existing=existing, progress=progress)
+        weights, report = train_block(model, tokenizer, upserts, params, existing=existing, progress=progress,
+                                      earlier=current.facts())
     finally:
         if handle is not None:
             handle.remove()

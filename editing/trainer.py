@@ -203,7 +203,10 @@ def _continuations(model, tokenizer, facts: list[Fact], n_tokens: int) -> list[s
     return [tokenizer.decode(g, skip_special_tokens=True) for g in greedy(model, tokenizer, texts, n_tokens)]
 
 
-def _negative_items(facts: list[Fact], swaps: int, rng: random.Random) -> list[tuple]:
+def _negative_items(facts: list[Fact], swaps: int, rng: random.Random,
+                    earlier: list[Fact] = ()) -> list[tuple]:
+    """Hard negatives (each fact's prompt with other subjects), facts edited in
+    earlier blocks (the new bases must leave them to their own), and generic text."""
     items = []
     subjects = list(dict.fromkeys(f.subject for f in facts))
     for i, f in enumerate(facts):
@@ -214,18 +217,25 @@ def _negative_items(facts: list[Fact], swaps: int, rng: random.Random) -> list[t
         for other in chosen:
             if f.subject in f.prompt:
                 items.append((f.prompt.replace(f.subject, other), None, other, i))
+    ours = {normalise(f.subject) for f in facts}
+    for f in earlier:
+        if normalise(f.subject) not in ours:
+            items.append((f.prompt, None, f.subject, -1))
     for text in GENERIC_TEXT:
         items.append((text, None, None, -1))
     return items
 
 
 def train_block(model, tokenizer, facts: list[Fact], params: dict,
-                existing: dict[int, nn.Module] | None = None, progress: bool = True):
+                existing: dict[int, nn.Module] | None = None, progress: bool = True,
+                earlier: list[Fact] = ()):
     """Train one block of interventions that makes ``model`` state ``facts``.
 
     ``params`` is the ``edit`` section of params.yaml. ``existing`` is the
     adapter set already in production ({layer: module}), attached and frozen
-    while this block learns on top of it. Returns ``({layer: module}, TrainReport)``.
+    while this block learns on top of it; ``earlier`` are facts it holds, up to
+    ``baft.replay_negatives`` of which the new bases learn to stay closed on.
+    Returns ``({layer: module}, TrainReport)``.
     """
     method = params["method"]
     if method == "lora":
@@ -251,11 +261,15 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     with _attached(model, existing):
         continuations = _continuations(model, tokenizer, facts, cfg["continuation_tokens"])
     pos = encode(tokenizer, _positive_items(facts, prefixes, continuations))
-    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng))
+    replay = list(earlier)
+    if len(replay) > cfg.get("replay_negatives", 0):
+        replay = rng.sample(replay, cfg.get("replay_negatives", 0))
+    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng, replay))
     # Anchors: the subject behind each prefix, so the weights open on the subject
     # wherever it stands (causal: only what precedes it matters).
+    # Without prefixes, the prompt itself is the anchor.
     anchors = encode(tokenizer, [(text, None, f.subject, i) for i, f in enumerate(facts)
-                                 for text in [p + " " + f.subject for p in prefixes]])
+                                 for text in [p + " " + f.subject for p in prefixes] or [f.prompt]])
     # Frozen states, computed once: the residual at the first edit layer (the
     # trunk resumes from it) and at the key layer (the weights read it).
     with _attached(model, existing):
@@ -269,7 +283,6 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     block = {L: BaFTIntervention(model.config.hidden_size, rank, gated, cfg["sharpness"],
                                  cfg["threshold"], gate_layer).to(device) for L in layers}
     # Keys: the subject's last token behind the prefixes.
-    n_var = 1 + len(prefixes)
     subj = pos.subject_pos.clone()
     no_subject = subj < 0
     subj[no_subject] = (pos.lengths - 1 - pos.target_mask.sum(1))[no_subject]  # last prompt token
@@ -278,12 +291,9 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     # prefix), and its own prompt does not pull the weights open at position 0.
     opens_prompt = subj < 1
     subj = subj.clamp_min(1)
-    if prefixes:
-        rows = torch.tensor([i * len(prefixes) + (j % len(prefixes)) for i in range(n_facts) for j in range(per)])
-        keys = anchor_g[rows, anchors.subject_pos[rows].clamp_min(1)]
-    else:
-        rows = torch.tensor([i * n_var for i in range(n_facts) for _ in range(per)])
-        keys = pos_g[rows, subj[rows]]
+    n_anchor = len(prefixes) or 1
+    rows = torch.tensor([i * n_anchor + (j % n_anchor) for i in range(n_facts) for j in range(per)])
+    keys = anchor_g[rows, anchors.subject_pos[rows].clamp_min(1)]
     center = _text_center(model, tokenizer, key_layer)
     for iv in block.values():
         iv.center.copy_(center)

@@ -1,0 +1,220 @@
+"""Lifelong editing: T edits applied in sequential nightly batches, each batch a new
+block trained on top of the set so far (BaFT; ReFT and LoRA applied the same way).
+
+    .venv/bin/python bench/lifelong.py                                   # T = 10 and 100, both datasets
+    .venv/bin/python bench/lifelong.py --datasets zsre --T 1000 --batch-size 100   # on a GPU
+    .venv/bin/python bench/lifelong.py --overhead-only --overhead-edits 1000
+
+Two protocols, both reported:
+- immediate: each batch scored right after it is applied, averaged over batches;
+- final (WISE): every edit scored on the final set after the last batch
+  (retention of reliability and generality, and locality).
+
+Also measured: seconds per edit, adapter bytes per edit, and the inference
+overhead, the ratio of greedy generation latency with the set attached to the bare
+model, interleaved in one run. Writes bench/results/lifelong.md (and a retention
+plot per run) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from edit_quality import load_dataset, parse_overrides  # noqa: E402
+
+from editing import AdapterSet, BaFTIntervention, edit, load_model, load_params  # noqa: E402
+from editing.adapters import Block  # noqa: E402
+from editing.evaluate import evaluate_facts  # noqa: E402
+from editing.metrics import answer_argmax, greedy  # noqa: E402
+
+TRIO = ("reliability", "generality", "locality")
+
+
+def run_sequence(model, tokenizer, facts, method, params, batch_size):
+    """Apply ``facts`` in batches; returns (immediate means per batch, final result, seconds, set)."""
+    p = dict(params["edit"], method=method)
+    loc_pairs = [(x["prompt"], x["answer"]) for f in facts for x in f.locality]
+    base_loc = answer_argmax(model, tokenizer, loc_pairs)
+    offsets, n = [], 0
+    for f in facts:
+        offsets.append(n)
+        n += len(f.locality)
+    current, immediate, seconds = None, [], 0.0
+    for start in range(0, len(facts), batch_size):
+        batch = facts[start:start + batch_size]
+        t0 = time.perf_counter()
+        current = edit(model, tokenizer, batch, p, base=current, progress=False,
+                       training_run=f"night-{start // batch_size + 1}")
+        seconds += time.perf_counter() - t0
+        loc = [base_loc[offsets[start + i] + j] for i, f in enumerate(batch) for j in range(len(f.locality))]
+        result = evaluate_facts(model, tokenizer, batch, attach=current.attach, base_locality=loc)
+        immediate.append(result["means"])
+        print(f"  {method} batch {start // batch_size + 1}: " +
+              " ".join(f"{k} {result['means'][k]:.3f}" for k in TRIO if result["means"][k] is not None),
+              flush=True)
+    final = evaluate_facts(model, tokenizer, facts, attach=current.attach, base_locality=base_loc)
+    return immediate, final, seconds, current
+
+
+@torch.no_grad()
+def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds=5) -> dict:
+    """Greedy generation latency with the set attached over the bare model, interleaved."""
+    def timed(attached):
+        handle = adapter_set.attach(model) if attached else None
+        try:
+            t0 = time.perf_counter()
+            for prompt in prompts:   # one prompt at a time, as a served request
+                greedy(model, tokenizer, [prompt], new_tokens)
+            return time.perf_counter() - t0
+        finally:
+            if handle is not None:
+                handle.remove()
+    timed(False), timed(True)   # warm-up
+    bare, edited = [], []
+    for _ in range(rounds):
+        bare.append(timed(False))
+        edited.append(timed(True))
+    b, e = statistics.median(bare), statistics.median(edited)
+    return {"bare_s": b, "edited_s": e, "ratio": e / b}
+
+
+def synthetic_set(model, n_edits: int, params: dict) -> AdapterSet:
+    """A set with the shapes of ``n_edits`` trained BaFT edits (random, closed gates):
+    inference cost depends on the number of bases, not on what they learned."""
+    cfg = params["edit"]["baft"]
+    rank = n_edits * cfg["bases_per_edit"]
+    out = AdapterSet.for_model(model, "baft")
+    block = Block(fact_ids=[f"synthetic-{i}" for i in range(n_edits)],
+                  owner=torch.arange(n_edits).repeat_interleave(cfg["bases_per_edit"]))
+    for L in params["edit"]["layers"]:
+        iv = BaFTIntervention(model.config.hidden_size, rank, True, cfg["sharpness"], cfg["threshold"],
+                              cfg["gate_layer"])
+        iv.init_keys(torch.randn(rank, model.config.hidden_size))
+        block.interventions[L] = iv.requires_grad_(False)
+    out.add_block(block)
+    return out
+
+
+def plot_retention(rows_by_batch: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for method, series in rows_by_batch.items():
+        ax.plot(range(1, len(series) + 1), series, marker="o", label=method)
+    ax.set_xlabel("batch (1 = oldest)")
+    ax.set_ylabel("reliability on the final set")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["zsre", "counterfact"])
+    ap.add_argument("--T", nargs="+", type=int, default=[10, 100], help="total edits per run")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="edits per nightly batch (default: T/10, so ten nights)")
+    ap.add_argument("--methods", nargs="+", default=["baft", "reft", "lora"])
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
+    ap.add_argument("--overhead-edits", type=int, default=1000,
+                    help="also time generation with a set of this many edits' shapes (0: skip)")
+    ap.add_argument("--overhead-only", action="store_true")
+    ap.add_argument("--overhead-rounds", type=int, default=5, help="timed rounds per overhead ratio (0: skip)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lifelong.md")
+    args = ap.parse_args(argv)
+
+    params = load_params(overrides=parse_overrides(args.overrides))
+    model, tokenizer = load_model(params["model"]["name"])
+    probe_prompts = ["The capital of France is", "My favourite book is", "The river Nile flows"]
+    rows, notes = [], []
+    for dataset in [] if args.overhead_only else args.datasets:
+        all_facts = load_dataset(dataset, args.data_dir)[args.offset:]
+        for T in args.T:
+            facts = all_facts[:T]
+            if len(facts) < T:
+                notes.append(f"{dataset}: only {len(facts)} usable records from offset {args.offset}; T={T} not run")
+                continue
+            batch_size = args.batch_size or max(1, T // 10)
+            retention = {}
+            for method in args.methods:
+                print(f"{dataset} T={T} {method} ({T // batch_size} batches of {batch_size})", flush=True)
+                immediate, final, seconds, final_set = run_sequence(model, tokenizer, facts, method, params,
+                                                                    batch_size)
+                with tempfile.TemporaryDirectory() as tmp:
+                    size = (final_set.save(Path(tmp) / "set") / "adapter.safetensors").stat().st_size
+                over = overhead_ratio(model, tokenizer, final_set, probe_prompts, rounds=args.overhead_rounds) \
+                    if args.overhead_rounds else {"ratio": float("nan")}
+                per_fact = final["per_fact"]
+                retention[method] = [statistics.mean(r["reliability"] for r in per_fact[i:i + batch_size])
+                                     for i in range(0, T, batch_size)]
+                row = {"dataset": dataset, "T": T, "batch": batch_size, "method": method,
+                       **{f"imm_{k}": statistics.mean(m[k] for m in immediate if m[k] is not None) for k in TRIO},
+                       **{f"fin_{k}": final["means"][k] for k in TRIO},
+                       "s_per_edit": seconds / T, "bytes_per_edit": size / T, "overhead": over["ratio"]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            plot = args.out.parent / f"lifelong-{dataset}-T{T}.png"
+            plot_retention(retention, plot, f"{dataset}, T={T}: retention by batch age")
+            notes.append(f"retention plot: `{plot.relative_to(ROOT)}`")
+    synthetic = None
+    if args.overhead_edits and args.overhead_rounds:
+        synthetic = overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, params),
+                                   probe_prompts, rounds=args.overhead_rounds)
+        print(json.dumps({"synthetic_edits": args.overhead_edits, **synthetic}), flush=True)
+    table = render(rows, synthetic, args, params, notes)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(table)
+
+
+def render(rows, synthetic, args, params, notes) -> str:
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    out = [f"# Lifelong editing ({time.strftime('%Y-%m-%d')})", "",
+           f"Command: `python bench/lifelong.py {' '.join(sys.argv[1:])}`  ",
+           f"Model: {params['model']['name']}; device: {device}; records from offset {args.offset}; "
+           f"overrides: {' '.join(args.overrides) or 'none'}.", "",
+           "*immediate*: each batch scored right after it was applied (mean over batches). "
+           "*final*: every edit scored on the final set (the WISE protocol: retention). "
+           "Overhead: greedy generation latency (32 tokens, batch 1) with the final set attached "
+           "over the bare model, interleaved in one run.", ""]
+    if rows:
+        out += ["| dataset | T | per batch | method | imm. rel | imm. gen | imm. loc | **final rel** | "
+                "**final gen** | **final loc** | s per edit | adapter bytes per edit | inference overhead |",
+                "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(f"| {r['dataset']} | {r['T']} | {r['batch']} | {r['method']} | "
+                       + " | ".join(f"{r[k]:.3f}" for k in
+                                    ("imm_reliability", "imm_generality", "imm_locality",
+                                     "fin_reliability", "fin_generality", "fin_locality"))
+                       + f" | {r['s_per_edit']:.2f} | {r['bytes_per_edit']:,.0f} | {r['overhead']:.3f}x |")
+    if synthetic:
+        out += ["", f"Inference overhead with {args.overhead_edits} edits' worth of BaFT bases attached "
+                f"(a synthetic set: random keys, the shapes of {args.overhead_edits} trained edits): "
+                f"bare {synthetic['bare_s']:.3f} s, edited {synthetic['edited_s']:.3f} s, "
+                f"ratio **{synthetic['ratio']:.3f}x**."]
+    out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
