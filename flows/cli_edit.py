@@ -82,50 +82,6 @@ def generate_cmd(adapter_dir, prompt, model_name, max_new_tokens):
     click.echo(prompt + text)
 
 
-@click.command("demo", help="Edit the bundled sample facts into the embedded model and show answers before and after.")
-@click.option("--facts", "facts_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Default: data/samples/demo-facts.jsonl.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Where to save the adapter set (default: $LEDIT_HOME/demo-adapter).")
-def demo_cmd(facts_path, out):
-    import os
-    from pathlib import Path
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from editing import load_facts, load_model, load_params
-    from tasks.edit import train_adapter_set, generate_with_adapter_set
-
-    root = Path(__file__).resolve().parent.parent
-    facts_path = facts_path or str(root / "data" / "samples" / "demo-facts.jsonl")
-    home = Path(os.environ.get("LEDIT_HOME", Path.home() / ".ledit"))
-    out = out or str(home / "demo-adapter")
-    params = load_params()
-    console = Console()
-    console.print(f"Loading the embedded model ({params['model']['name']})...")
-    model_and_tok = load_model(params["model"]["name"], dtype=params["model"]["dtype"])
-    facts = load_facts([facts_path])
-    probes = [(f, kind, p) for f in facts for kind, p in
-              [("prompt", f.prompt)] + [("rephrase", r) for r in f.rephrase_prompts[:1]]
-              + [("unrelated", x["prompt"]) for x in f.locality[:1]]]
-    prompts = [p for _, _, p in probes]
-    before = generate_with_adapter_set(None, prompts, max_new_tokens=6, model_and_tokenizer=model_and_tok)
-    console.print(f"Editing {len(facts)} facts with {params['edit']['method']}...")
-    adapter_set = train_adapter_set([facts_path], out, params=params, model_and_tokenizer=model_and_tok)
-    after = generate_with_adapter_set(out, prompts, max_new_tokens=6, model_and_tokenizer=model_and_tok)
-    table = Table(title=f"Greedy answers before and after the edit ({out})")
-    for col in ("probe", "prompt", "wanted", "before", "after"):
-        table.add_column(col)
-    for (fact, kind, prompt), b, a in zip(probes, before, after):
-        wanted = fact.target_new if kind != "unrelated" else "(unchanged)"
-        table.add_row(kind, prompt, wanted, b.strip(), a.strip())
-    console.print(table)
-    block = adapter_set.blocks[-1]
-    console.print(f"{len(block.fact_ids)} edits trained in {block.stats['seconds']:.1f}s; "
-                  f"try: ledit generate {out} \"{facts[0].prompt}\"")
-
-
 def add_commands(group: click.Group) -> None:
-    for command in (edit_cmd, eval_cmd, generate_cmd, demo_cmd):
+    for command in (edit_cmd, eval_cmd, generate_cmd):
         group.add_command(command)

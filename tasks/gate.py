@@ -1,0 +1,121 @@
+"""The promotion gate: a candidate adapter set replaces production only if every check holds.
+
+The thresholds are the ``gate`` section of params.yaml. A metric that could not be measured
+(no new upsert, no previously live fact, no locality prompt) is reported as not measured and
+does not block; every other check compares one number against one threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# metric -> (threshold key in params.yaml ``gate``, comparison, what it means)
+CHECKS = {
+    "reliability": ("min_reliability", ">=", "new edits: accuracy of the new answer after the prompt"),
+    "generality": ("min_generality", ">=", "new edits: the same on rephrased prompts"),
+    "retention": ("min_retention", ">=", "previously live edits: reliability on the candidate"),
+    "locality": ("min_locality", ">=", "unrelated prompts: answers unchanged against the base"),
+    "drift": ("max_drift", "<=", "relative perplexity increase on unrelated text"),
+}
+GATE_METRICS = tuple(CHECKS)
+
+
+class GateConfigError(ValueError):
+    """A missing or malformed threshold in params.yaml ``gate``."""
+
+
+@dataclass
+class Check:
+    metric: str
+    value: float | None
+    threshold: float
+    op: str
+    passed: bool
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.metric}: not measured"
+        return f"{self.metric} {self.value:.3f} (needs {self.op} {self.threshold:g})"
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    checks: list[Check] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)          # one line per failed check
+    fact_reasons: dict[str, str] = field(default_factory=dict)  # fact_id -> why that fact failed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Verdict":
+        return cls(d["passed"], [Check(**c) for c in d.get("checks", [])], list(d.get("reasons", [])),
+                   dict(d.get("fact_reasons", {})))
+
+
+def thresholds(params: dict) -> dict:
+    gate = params.get("gate")
+    if not isinstance(gate, dict):
+        raise GateConfigError("params.yaml has no 'gate' section with the promotion thresholds")
+    out = {}
+    for metric, (key, _, _) in CHECKS.items():
+        value = gate.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise GateConfigError(f"params.yaml gate.{key} must be a number, got {value!r}")
+        out[key] = float(value)
+    out["fact_min_reliability"] = float(gate.get("fact_min_reliability", out["min_reliability"]))
+    out["fact_min_generality"] = float(gate.get("fact_min_generality", 0.0))
+    return out
+
+
+def gate(metrics: dict, per_fact: list[dict], params: dict) -> Verdict:
+    """Judge a candidate from its evaluation (``metrics``: the means; ``per_fact``: rows with
+    ``fact_id``, ``kind`` ('new' or 'retained'), ``reliability``, ``generality``)."""
+    t = thresholds(params)
+    checks, reasons = [], []
+    for metric, (key, op, meaning) in CHECKS.items():
+        value = metrics.get(metric)
+        passed = value is None or (value >= t[key] if op == ">=" else value <= t[key])
+        check = Check(metric, None if value is None else float(value), t[key], op, passed)
+        checks.append(check)
+        if not passed:
+            reasons.append(f"{check.describe()} ({meaning})")
+    fact_reasons = {}
+    for row in per_fact:
+        why = []
+        rel, gen = row.get("reliability"), row.get("generality")
+        kind = "new edit" if row.get("kind") == "new" else "previously live edit"
+        if rel is not None and rel < t["fact_min_reliability"]:
+            why.append(f"{kind} reliability {rel:.2f} < {t['fact_min_reliability']:g}")
+        if row.get("kind") == "new" and gen is not None and gen < t["fact_min_generality"]:
+            why.append(f"generality {gen:.2f} < {t['fact_min_generality']:g}")
+        if why:
+            fact_reasons[row["fact_id"]] = "; ".join(why)
+    return Verdict(not reasons, checks, reasons, fact_reasons)
+
+
+def pending_reason(fact_id: str, verdict: Verdict, version: str, dry_run: bool = False) -> str:
+    """Why a fact of a rejected candidate stays pending: its own failure, else the gate's."""
+    if dry_run:
+        return f"dry run of {version}: not promoted"
+    own = verdict.fact_reasons.get(fact_id)
+    if own:
+        return f"{version} rejected; this fact: {own}"
+    return f"{version} rejected by the gate: " + "; ".join(verdict.reasons)
+
+
+def markdown(verdict: Verdict, version: str) -> str:
+    """The gate's table for the Prefect UI and the run summary."""
+    head = f"### Gate for {version}: {'**passed**' if verdict.passed else '**rejected**'}\n\n"
+    rows = ["| metric | value | threshold | result |", "|---|---|---|---|"]
+    for c in verdict.checks:
+        value = "not measured" if c.value is None else f"{c.value:.3f}"
+        rows.append(f"| {c.metric} | {value} | {c.op} {c.threshold:g} | "
+                    f"{'pass' if c.passed else '**fail**'} |")
+    out = head + "\n".join(rows) + "\n"
+    if verdict.reasons:
+        out += "\n**Why it was rejected**\n\n" + "\n".join(f"- {r}" for r in verdict.reasons) + "\n"
+    if verdict.fact_reasons:
+        out += "\n**Facts below the per-fact bar**\n\n" + "\n".join(
+            f"- `{fid}`: {why}" for fid, why in sorted(verdict.fact_reasons.items())) + "\n"
+    return out
