@@ -37,6 +37,28 @@ def tiny_model(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tokenizer, tmp_path_factory):
+    """A tiny Llama and the embedded tokenizer saved as a model directory (loaded by path)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def embedded():
     from editing import load_model
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One ephemeral Prefect API for the whole session, with its own PREFECT_HOME."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    base = tmp_path_factory.mktemp("prefect")
+    with temporary_settings({PREFECT_HOME: str(base / "home"),
+                             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield base

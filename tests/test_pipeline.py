@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama
 from editing.params import load_params, merge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,19 +21,6 @@ OPEN_GATE = {"min_reliability": 0.0, "min_generality": 0.0, "min_retention": 0.0
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    """One ephemeral Prefect API for the session, with its own PREFECT_HOME."""
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    base = tmp_path_factory.mktemp("prefect")
-    with temporary_settings({PREFECT_HOME: str(base / "home"),
-                             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield base
-
-
 @pytest.fixture(scope="module")
 def harness(prefect_api, tmp_path_factory):
     """The Prefect API and, for this module only, one SQLite MLflow database (each test uses
@@ -43,14 +29,6 @@ def harness(prefect_api, tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
     yield prefect_api
     mp.undo()
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def make_params(tiny_dir, name: str, gate: dict | None = None, **pipeline) -> dict:

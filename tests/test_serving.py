@@ -23,14 +23,6 @@ PROMPTS = [f.prompt for f in FACTS]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama(len(tokenizer)).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def adapter_dir(tiny_dir, tmp_path_factory):
     params = copy.deepcopy(load_params()["edit"])
     params.update(layers=[2], steps=4, batch_size=8)

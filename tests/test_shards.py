@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from editing import AdapterError, AdapterSet, Fact, edit, load_model, load_params
 from tasks.shards import compose, load_shard, split_into_shards, train_shard, train_shards
 
@@ -42,14 +41,6 @@ def test_split_keeps_a_subject_and_a_fact_id_together():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama(len(tokenizer)).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def production(tiny_dir, tmp_path_factory):
     """The set in production: three facts in one block, trained in this process."""
     model, tok = load_model(tiny_dir, dtype="float32")
@@ -82,16 +73,14 @@ def test_compose_applies_every_shards_supersedes_and_retracts(tiny_dir, producti
 
 
 @pytest.mark.integration  # a local Ray instance and two worker processes: about a minute
-def test_two_shards_on_ray_compose_into_one_set(tiny_dir, production, tmp_path):
+def test_two_shards_on_ray_compose_into_one_set(prefect_api, tiny_dir, production, tmp_path):
     import ray
-    from prefect.testing.utilities import prefect_test_harness
 
     params = tiny_params()
-    with prefect_test_harness(server_startup_timeout=120):
-        composed = train_shards(FACTS, params, production, tiny_dir, 2, training_run="run-1",
-                                data_version="v1", ray_init_kwargs={
-                                    "num_cpus": 2, "include_dashboard": False,
-                                    "object_store_memory": 100 * 1024 ** 2, "log_to_driver": False})
+    composed = train_shards(FACTS, params, production, tiny_dir, 2, training_run="run-1",
+                            data_version="v1", ray_init_kwargs={
+                                "num_cpus": 2, "include_dashboard": False,
+                                "object_store_memory": 100 * 1024 ** 2, "log_to_driver": False})
     assert not ray.is_initialized()                   # the runner shut down the Ray it started
 
     base = AdapterSet.load(production)
