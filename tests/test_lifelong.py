@@ -1,5 +1,7 @@
 """Lifelong operations on an adapter set, on a tiny random Llama: extend, supersede,
 retract, block rollback, consolidation, and the refusals."""
+import json
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -173,3 +175,26 @@ def test_records_survive_save_and_load(three_blocks, tmp_path):
     loaded = AdapterSet.load(s3.save(tmp_path / "set"))
     assert [f.to_dict() for f in loaded.facts()] == [f.to_dict() for f in s3.facts()]
     assert loaded.locate(Fact(subject="danielle darrieux", prompt=A.prompt.upper(), target_new="x")) == [(0, 0)]
+
+
+def test_adapter_commands(three_blocks, tmp_path):
+    from click.testing import CliRunner
+
+    from flows.cli import main
+    s3 = three_blocks[2]
+    src = str(s3.save(tmp_path / "set"))
+    run = CliRunner().invoke
+    shown = json.loads(run(main, ["adapter", "show", src, "--json"]).stdout)
+    assert [b["block_id"] for b in shown["blocks"]] == [b.block_id for b in s3.blocks]
+    assert run(main, ["adapter", "retract", src, B.fact_id, "--out", str(tmp_path / "r")]).exit_code == 0
+    assert AdapterSet.load(tmp_path / "r").fact_ids == [A.fact_id, C.fact_id, D.fact_id]
+    assert run(main, ["adapter", "drop-block", src, s3.blocks[1].block_id, "--out", str(tmp_path / "d")]).exit_code == 0
+    assert AdapterSet.load(tmp_path / "d").fact_ids == [A.fact_id, B.fact_id, D.fact_id]
+    assert run(main, ["adapter", "consolidate", src, "--out", str(tmp_path / "c")]).exit_code == 0
+    assert len(AdapterSet.load(tmp_path / "c").blocks) == 1
+    unknown = run(main, ["adapter", "retract", src, "f-missing", "--out", str(tmp_path / "u")])
+    assert unknown.exit_code == 2 and "f-missing" in unknown.stderr and not (tmp_path / "u").exists()
+    weights = tmp_path / "set" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    refused = run(main, ["adapter", "show", src])
+    assert refused.exit_code == 2 and "checksum" in refused.stderr

@@ -101,3 +101,10 @@ def test_continuation_loss_keeps_the_base_models_next_tokens(tiny_model, tokeniz
     assert not (enc.keep_mask & enc.target_mask).any()
     s = edit(tiny_model, tokenizer, FACTS, p, progress=False)
     assert s.blocks[0].stats["steps"] >= 1
+
+
+def test_training_without_prefixes_keys_from_the_prompt(tiny_model, tokenizer):
+    p = tiny_params(steps=2)
+    p["baft"]["prefixes"] = 0
+    s = edit(tiny_model, tokenizer, FACTS, p, progress=False)
+    assert s.blocks[0].interventions[2].rank == 2 * p["baft"]["bases_per_edit"]
