@@ -140,7 +140,16 @@ def main(argv=None):
     ap.add_argument("--overhead-rounds", type=int, default=5, help="timed rounds per overhead ratio (0: skip)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lifelong.md")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="also append each result row to this JSONL file (kept across runs)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="write the table from the rows in --rows without running anything")
     args = ap.parse_args(argv)
+    if args.render_only:
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+        args.out.write_text(render(rows, None, args, load_params(), []))
+        print(args.out.read_text())
+        return
 
     params = load_params(overrides=parse_overrides(args.overrides))
     model, tokenizer = load_model(params["model"]["name"])
@@ -169,12 +178,16 @@ def main(argv=None):
                 row = {"dataset": dataset, "T": T, "batch": batch_size, "method": method,
                        **{f"imm_{k}": statistics.mean(m[k] for m in immediate if m[k] is not None) for k in TRIO},
                        **{f"fin_{k}": final["means"][k] for k in TRIO},
-                       "s_per_edit": seconds / T, "bytes_per_edit": size / T, "overhead": over["ratio"]}
+                       "s_per_edit": seconds / T, "bytes_per_edit": size / T, "overhead": over["ratio"],
+                       "command": "python bench/lifelong.py " + " ".join(sys.argv[1:])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.rows:
+                    with open(args.rows, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
             plot = args.out.parent / f"lifelong-{dataset}-T{T}.png"
             plot_retention(retention, plot, f"{dataset}, T={T}: retention by batch age")
-            notes.append(f"retention plot: `{plot.relative_to(ROOT)}`")
+            notes.append(f"retention plot: `{plot.name}`")
     synthetic = None
     if args.overhead_edits and args.overhead_rounds:
         synthetic = overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, params),
@@ -206,12 +219,15 @@ def render(rows, synthetic, args, params, notes) -> str:
                        + " | ".join(f"{r[k]:.3f}" for k in
                                     ("imm_reliability", "imm_generality", "imm_locality",
                                      "fin_reliability", "fin_generality", "fin_locality"))
-                       + f" | {r['s_per_edit']:.2f} | {r['bytes_per_edit']:,.0f} | {r['overhead']:.3f}x |")
+                       + f" | {r["s_per_edit"]:.2f} | {r["bytes_per_edit"]:,.0f} | {"-" if r["overhead"] != r["overhead"] else f"{r['overhead']:.3f}x"} |")
     if synthetic:
         out += ["", f"Inference overhead with {args.overhead_edits} edits' worth of BaFT bases attached "
                 f"(a synthetic set: random keys, the shapes of {args.overhead_edits} trained edits): "
                 f"bare {synthetic['bare_s']:.3f} s, edited {synthetic['edited_s']:.3f} s, "
                 f"ratio **{synthetic['ratio']:.3f}x**."]
+    commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    if args.render_only and commands:
+        out += ["", "Rows from these runs:"] + [f"- `{c}`" for c in commands]
     out += [""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
 

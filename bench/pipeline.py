@@ -60,6 +60,7 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
     os.environ["LEDIT_HOME"] = str(work / "home")
     os.environ["PREFECT_HOME"] = str(work / "prefect")
     os.environ.pop("MLFLOW_TRACKING_URI", None)          # the default: SQLite under LEDIT_HOME
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")   # slow machines
     from prefect import flow
 
     from editing.params import load_params, merge

@@ -321,12 +321,14 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     rng.shuffle(order)
     cursor, loss_value, stopped, step = 0, math.nan, False, 0
     bar = _progress(steps, progress, f"{method} x{n_facts}")
-    with _attached(model, existing) as old, _attached(model, block) as new:
+    # The set trains as it will run: old and new bases side by side, each reading the same h.
+    beside = {L: _SideBySide(existing[L], block[L]) if L in block else existing[L] for L in existing or {}}
+    beside.update({L: m for L, m in block.items() if L not in beside})
+    with _attached(model, beside) as both:
         def pooled_weights(rows, width):
             """Hand the content hooks their pooled weights (the gate layer is below the trunk)."""
-            for handle, modules in ((old, existing), (new, block)):
-                for L, state in (handle.states.items() if handle is not None else ()):
-                    state.weights = causal_pool(modules[L].weights(pos_g[rows, :width]), pos_valid[rows, :width])
+            for L, state in both.states.items():
+                state.weights = causal_pool(beside[L].weights(pos_g[rows, :width]), pos_valid[rows, :width])
 
         def forward_targets(rows):
             width = int(pos.lengths[rows].max())
@@ -378,6 +380,23 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     for iv in block.values():
         iv.requires_grad_(False)
     return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
+
+
+class _SideBySide(nn.Module):
+    """A frozen set's bases and a new block's at one layer, as ``BaFTIntervention.stack``
+    would combine them (a sum of basis terms on the same h), with gradients for the block."""
+
+    def __init__(self, old: nn.Module, new: BaFTIntervention):
+        super().__init__()
+        self.old, self.new, self.gate_layer = old, new, new.gate_layer
+
+    def weights(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.old.weights(h), self.new.weights(h)], dim=-1)
+
+    def forward(self, h: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.weights(h) if weights is None else weights
+        r = self.old.rank
+        return self.old(h, s[..., :r]) + self.new(h, s[..., r:]) - h
 
 
 @torch.no_grad()

@@ -198,3 +198,13 @@ def test_adapter_commands(three_blocks, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
     refused = run(main, ["adapter", "show", src])
     assert refused.exit_code == 2 and "checksum" in refused.stderr
+
+
+def test_a_new_block_trains_beside_the_set_as_it_will_run(three_blocks):
+    from editing.trainer import _SideBySide
+    old, new = three_blocks[0].blocks[0].interventions[2], three_blocks[1].blocks[1].interventions[2]
+    h = torch.randn(2, 5, 64)
+    stacked = type(old).stack([old, new])
+    s = stacked.weights(h)
+    with torch.no_grad():
+        assert torch.allclose(_SideBySide(old, new)(h, s), stacked(h, s), atol=1e-5)
