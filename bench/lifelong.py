@@ -199,6 +199,10 @@ def main(argv=None):
     print(table)
 
 
+def _ratio(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}x"    # NaN: not measured
+
+
 def render(rows, synthetic, args, params, notes) -> str:
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -219,7 +223,7 @@ def render(rows, synthetic, args, params, notes) -> str:
                        + " | ".join(f"{r[k]:.3f}" for k in
                                     ("imm_reliability", "imm_generality", "imm_locality",
                                      "fin_reliability", "fin_generality", "fin_locality"))
-                       + f" | {r["s_per_edit"]:.2f} | {r["bytes_per_edit"]:,.0f} | {"-" if r["overhead"] != r["overhead"] else f"{r['overhead']:.3f}x"} |")
+                       + f" | {r['s_per_edit']:.2f} | {r['bytes_per_edit']:,.0f} | {_ratio(r['overhead'])} |")
     if synthetic:
         out += ["", f"Inference overhead with {args.overhead_edits} edits' worth of BaFT bases attached "
                 f"(a synthetic set: random keys, the shapes of {args.overhead_edits} trained edits): "
