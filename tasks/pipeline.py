@@ -47,8 +47,12 @@ class InjectedFault(RuntimeError):
 
 
 def checkpoint(point: str) -> None:
-    wanted = os.environ.get(FAULT_ENV, "")
-    if point in wanted.split(","):
+    """``LEDIT_INJECT_FAULT=point`` raises here; ``point:kill`` kills the process outright."""
+    wanted = os.environ.get(FAULT_ENV, "").split(",")
+    if f"{point}:kill" in wanted:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point in wanted:
         raise InjectedFault(f"injected fault at {point}")
 
 

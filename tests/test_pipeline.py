@@ -283,6 +283,41 @@ def test_a_crash_leaves_production_untouched_and_the_next_run_applies_each_edit_
     assert sorted(applied) == fact_ids([fact(1), fact(2), fact(3)])
 
 
+def test_a_process_killed_during_training_leaves_production_and_the_next_run_redoes_it(
+        harness, tiny_dir, home, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.nightly import nightly_refresh
+    from tasks import ledger
+    from tasks import publish as pub
+
+    params = make_params(tiny_dir, "kill")
+    feed(home, tmp_path, "day1.jsonl", [fact(1)])
+    assert nightly_refresh(home=str(home.root), params=params)["version"] == "v1"
+    before = (home.root / "published" / "v1" / "adapter.safetensors").read_bytes()
+    feed(home, tmp_path, "day2.jsonl", [fact(2)])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    env = dict(os.environ, LEDIT_PARAMS=str(tmp_path / "params.yaml"), PREFECT_API_URL=PREFECT_API_URL.value(),
+               LEDIT_INJECT_FAULT="during_training:kill", PYTHONPATH=str(ROOT))
+    killed = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--home", str(home.root), "--json"],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert pub.production_version(home) == "v1"
+    assert (home.root / "published" / "v1" / "adapter.safetensors").read_bytes() == before
+
+    s = nightly_refresh(home=str(home.root), params=params)       # the lock is free; the work is redone
+    assert s["status"] == "promoted"
+    live = pub.load_production(home)[1].fact_ids
+    assert sorted(live) == fact_ids([fact(1), fact(2)]) and len(live) == len(set(live))
+    assert sorted(ledger.applied_edits(home)["fact_id"].to_list()) == fact_ids([fact(1), fact(2)])
+
+
 def test_a_corrupted_published_adapter_is_refused(harness, tiny_dir, home, tmp_path):
     from editing import AdapterError
     from flows.nightly import nightly_refresh, rollback
