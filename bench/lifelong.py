@@ -144,10 +144,11 @@ def main(argv=None):
                     help="also append each result row to this JSONL file (kept across runs)")
     ap.add_argument("--render-only", action="store_true",
                     help="write the table from the rows in --rows without running anything")
+    ap.add_argument("--note", action="append", default=[], help="a line to add under the table")
     args = ap.parse_args(argv)
     if args.render_only:
         rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
-        args.out.write_text(render(rows, None, args, load_params(), []))
+        args.out.write_text(render(rows, None, args, load_params(), args.note))
         print(args.out.read_text())
         return
 
@@ -193,7 +194,7 @@ def main(argv=None):
         synthetic = overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, params),
                                    probe_prompts, rounds=args.overhead_rounds)
         print(json.dumps({"synthetic_edits": args.overhead_edits, **synthetic}), flush=True)
-    table = render(rows, synthetic, args, params, notes)
+    table = render(rows, synthetic, args, params, notes + args.note)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     print(table)
