@@ -32,10 +32,15 @@ def edit_cmd(facts, out, model_name, method, base_adapter, quiet):
                                         base_adapter=base_adapter, progress=not quiet)
     except (FactError, AdapterError) as exc:
         _fail(exc)
-    block = adapter_set.blocks[-1]
-    click.echo(f"edited {len(block.fact_ids)} facts in {block.stats['seconds']:.1f}s "
-               f"({block.stats['steps']} steps) -> {out} [{adapter_set.method}, "
-               f"{len(adapter_set.blocks)} block(s), layers {adapter_set.layers}]")
+    changes = adapter_set.changes
+    trained = next((b for b in adapter_set.blocks if b.block_id == changes.get("block_id")), None)
+    done = f"edited {len(changes['added'])} facts" + (
+        f" in {trained.stats['seconds']:.1f}s ({trained.stats['steps']} steps)" if trained else "")
+    for name in ("superseded", "retracted"):
+        if changes.get(name):
+            done += f", {name} {len(changes[name])}"
+    click.echo(f"{done} -> {out} [{adapter_set.method}, {len(adapter_set.blocks)} block(s), "
+               f"{len(adapter_set.fact_ids)} live edits, layers {adapter_set.layers}]")
 
 
 @click.command("eval", help="Evaluate ADAPTER_DIR on FACTS (use 'none' for the unedited model).\n\n" + FACTS_HELP)

@@ -8,10 +8,10 @@ from editing.evaluate import evaluate_facts
 from editing.metrics import greedy
 
 
-def read_facts(fact_paths: list[str], warn=print) -> list:
-    """Facts to edit: upserts, with no-op updates skipped and named."""
+def read_facts(fact_paths: list[str], warn=print, retracts: bool = False) -> list:
+    """Facts to edit (and, with ``retracts``, to retract), with no-op updates skipped and named."""
     skipped: list = []
-    facts = [f for f in load_facts(fact_paths, skipped=skipped) if f.op == "upsert"]
+    facts = [f for f in load_facts(fact_paths, skipped=skipped) if retracts or f.op == "upsert"]
     for exc in skipped:
         warn(f"skipped: {exc}")
     return facts
@@ -26,7 +26,7 @@ def train_adapter_set(fact_paths: list[str], out: str | Path, *, model_name: str
     edit_params = dict(params["edit"])
     if method:
         edit_params["method"] = method
-    facts = read_facts(fact_paths)
+    facts = read_facts(fact_paths, retracts=True)
     base = AdapterSet.load(base_adapter) if base_adapter else None
     model, tokenizer = model_and_tokenizer or load_model(model_name or params["model"]["name"],
                                                          dtype=params["model"]["dtype"])

@@ -208,3 +208,21 @@ def test_a_new_block_trains_beside_the_set_as_it_will_run(three_blocks):
     s = stacked.weights(h)
     with torch.no_grad():
         assert torch.allclose(_SideBySide(old, new)(h, s), stacked(h, s), atol=1e-5)
+
+
+def test_cli_edit_applies_retracts_on_a_base_adapter(three_blocks, tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from flows.cli import main
+    src = str(three_blocks[2].save(tmp_path / "set"))
+    retract = tmp_path / "retract.jsonl"
+    retract.write_text(json.dumps({"op": "retract", "fact_id": B.fact_id}) + "\n")
+    out = CliRunner().invoke(main, ["edit", str(retract), "--base-adapter", src, "--model", tiny_dir,
+                                    "--out", str(tmp_path / "out"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "retracted 1" in out.stdout and "3 live edits" in out.stdout
+    assert B.fact_id not in AdapterSet.load(tmp_path / "out").fact_ids
+    retract.write_text(json.dumps({"op": "retract", "fact_id": "f-unknown"}) + "\n")
+    bad = CliRunner().invoke(main, ["edit", str(retract), "--base-adapter", src, "--model", tiny_dir,
+                                    "--out", str(tmp_path / "bad"), "--quiet"])
+    assert bad.exit_code == 2 and "f-unknown" in bad.stderr and not (tmp_path / "bad").exists()
