@@ -12,6 +12,7 @@ reads params.yaml or $LEDIT_PARAMS), so a deployment, a test and the CLI run the
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from prefect import flow
@@ -115,8 +116,10 @@ def _abandon(home: str, version: str, run_id: str | None, exc: BaseException) ->
             tracking.log_tags(tracking.client(as_home(home)), run_id,
                               {"ledit.status": "failed", "ledit.error": f"{type(exc).__name__}: {exc}"})
             tracking.end_run(as_home(home), run_id, "FAILED")
-    except Exception:   # the next run's recovery settles it
-        pass
+    except Exception as cleanup:   # the next run's recovery settles it
+        logging.getLogger("ledit.pipeline").warning(
+            "run %s failed (%s) and could not be marked abandoned: %s; the next run settles it",
+            version, exc, cleanup)
 
 
 class _Lap:

@@ -10,6 +10,7 @@ failures are not transient.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from prefect import task
@@ -22,6 +23,7 @@ from tasks.gate import GATE_METRICS, Verdict, markdown as gate_markdown
 from tasks.prefect_tasks import ingest_task as ingest_facts, submit_task as submit_facts  # noqa: F401
 
 QUIET = {"cache_policy": NO_CACHE, "persist_result": False}
+log = logging.getLogger("ledit.pipeline")
 
 
 def _flow_run_id() -> str | None:
@@ -62,8 +64,8 @@ def load_production_set(home: str, params: dict) -> dict:
             try:
                 tracking.end_run(steps.as_home(home), s["mlflow_run_id"],
                                  "FINISHED" if s["status"] == "promoted" else "KILLED")
-            except Exception:   # the run may be gone; the record is what counts
-                pass
+            except Exception as exc:   # the run may be gone; the record is what counts
+                log.warning("could not close MLflow run %s of %s: %s", s["mlflow_run_id"], s["version"], exc)
     version, adapter_set = pub.load_production(steps.as_home(home))
     return {"version": version, "live_edits": len(adapter_set.fact_ids) if adapter_set else 0,
             "recovered": settled}
@@ -307,7 +309,8 @@ def _artifact(kind: str, **kwargs):
 
     try:
         return getattr(artifacts, f"create_{kind}_artifact")(**kwargs)
-    except Exception:
+    except Exception as exc:
+        log.warning("Prefect %s artifact %r not created: %s", kind, kwargs.get("key"), exc)
         return None
 
 
@@ -325,5 +328,5 @@ class Progress:
 
         try:
             update_progress_artifact(self.id, progress=float(percent), description=description)
-        except Exception:
-            pass
+        except Exception as exc:
+            log.warning("Prefect progress artifact not updated: %s", exc)
