@@ -5,7 +5,10 @@
 
 Reads ../shared/benchmarks (or --data-dir); writes a Markdown table to
 bench/results/edit_quality.md and prints it. Batch size 1 runs --singles
-separate one-fact edits and averages them.
+separate one-fact edits and averages them. With --rows FILE each row is also
+appended to FILE (JSON lines, with its command and device) and the table is
+rendered from every row there, newest per dataset/method/batch, so a long
+benchmark can run in pieces.
 """
 from __future__ import annotations
 
@@ -75,9 +78,15 @@ def main(argv=None):
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override params.yaml, e.g. --set edit.layers=[8] --set edit.baft.gate_layer=null")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "edit_quality.md")
+    ap.add_argument("--rows", type=Path, default=None, help="JSON-lines file the rows are appended to and read from")
+    ap.add_argument("--render-only", action="store_true", help="write the table from --rows without running")
+    ap.add_argument("--note", action="append", default=[], help="a line to add under the table")
     args = ap.parse_args(argv)
 
     params = load_params(overrides=parse_overrides(args.overrides))
+    if args.render_only:
+        write_table(read_rows(args.rows), args, params)
+        return
     model, tokenizer = load_model(args.model or params["model"]["name"])
     fluency_tokens = params["eval"]["fluency_tokens"]
     rows = []
@@ -91,13 +100,44 @@ def main(argv=None):
                          for c in COLUMNS}
                 row = {"dataset": dataset, "method": method, "batch": size, "edits": sum(map(len, runs)),
                        **means, "s_per_edit": mean(r[1] for r in results),
-                       "bytes_per_edit": mean(r[2] for r in results)}
+                       "bytes_per_edit": mean(r[2] for r in results),
+                       "command": command_line(), "device": device_name()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.rows:
+                    with open(args.rows, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+    write_table(read_rows(args.rows) if args.rows else rows, args, params)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a --rows file, the newest per (dataset, method, batch), in a stable order."""
+    newest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            newest[(r["dataset"], r["method"], r["batch"])] = r
+    order = {"none": 0, "baft": 1, "reft": 2, "lora": 3}
+    return sorted(newest.values(), key=lambda r: (r["dataset"], r["batch"], order.get(r["method"], 9)))
+
+
+def write_table(rows, args, params) -> None:
     table = render(rows, args, params)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(table)
+    tmp.replace(args.out)
     print(table)
+
+
+def command_line() -> str:
+    return "python bench/edit_quality.py " + " ".join(sys.argv[1:])
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return "cuda: " + torch.cuda.get_device_name()
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -116,12 +156,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def render(rows, args, params) -> str:
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    commands = list(dict.fromkeys(r.get("command") or command_line() for r in rows))
+    devices = list(dict.fromkeys(r.get("device") or device_name() for r in rows))
     e = params["edit"]
     head = [f"# Edit quality ({time.strftime('%Y-%m-%d')})", "",
-            f"Command: `python bench/edit_quality.py {' '.join(sys.argv[1:])}`  ",
-            f"Model: {params['model']['name']}; device: {device}; records from offset {args.offset}.  ",
+            "Commands: " + "; ".join(f"`{c}`" for c in commands) + "  ",
+            f"Model: {params['model']['name']}; device: {', '.join(devices)}; records from offset {args.offset}.  ",
             f"Edit layers {e['layers']}, gate layer {e['baft'].get('gate_layer')}, "
             f"{e['baft']['bases_per_edit']} bases per edit, <= {e['steps']} steps; LoRA rank "
             f"{e['lora']['rank']} on the MLP down-projection of the same layers.",
@@ -136,6 +176,7 @@ def render(rows, args, params) -> str:
         head.append(f"| {r['dataset']} | {r['method']} | {r['batch']} | {f(r['reliability'])} | "
                     f"{f(r['generality'])} | {f(r['locality'])} | {f(r['exact_match'])} | {f(r['fluency'])} | "
                     f"{f(mean(trio))} | {f(r['s_per_edit'], '{:.2f}')} | {f(r['bytes_per_edit'], '{:,.0f}')} |")
+    head += [""] + [f"- {n}" for n in args.note]
     return "\n".join(head) + "\n"
 
 

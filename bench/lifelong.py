@@ -125,6 +125,32 @@ def plot_retention(rows_by_batch: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a --rows file, the newest per (dataset, T, batch, method), in file order."""
+    newest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            key = (r["dataset"], r["T"], r["batch"], r["method"])
+            newest.pop(key, None)
+            newest[key] = r
+    return list(newest.values())
+
+
+def plot_all(rows: list[dict], folder: Path) -> list[str]:
+    """One retention plot per (dataset, T) from the rows that carry their series."""
+    groups: dict = {}
+    for r in rows:
+        if r.get("retention"):
+            groups.setdefault((r["dataset"], r["T"]), {})[f"{r['method']} ({r['batch']}/batch)"] = r["retention"]
+    names = []
+    for (dataset, T), series in groups.items():
+        path = folder / f"lifelong-{dataset}-T{T}.png"
+        plot_retention(series, path, f"{dataset}, T={T}: retention by batch age")
+        names.append(path.name)
+    return names
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["zsre", "counterfact"])
@@ -147,7 +173,8 @@ def main(argv=None):
     ap.add_argument("--note", action="append", default=[], help="a line to add under the table")
     args = ap.parse_args(argv)
     if args.render_only:
-        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+        rows = read_rows(args.rows)
+        plot_all(rows, args.out.parent)
         args.out.write_text(render(rows, None, args, load_params(), args.note))
         print(args.out.read_text())
         return
@@ -180,15 +207,18 @@ def main(argv=None):
                        **{f"imm_{k}": statistics.mean(m[k] for m in immediate if m[k] is not None) for k in TRIO},
                        **{f"fin_{k}": final["means"][k] for k in TRIO},
                        "s_per_edit": seconds / T, "bytes_per_edit": size / T, "overhead": over["ratio"],
+                       "retention": retention[method],
                        "command": "python bench/lifelong.py " + " ".join(sys.argv[1:])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.rows:
                     with open(args.rows, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
-            plot = args.out.parent / f"lifelong-{dataset}-T{T}.png"
-            plot_retention(retention, plot, f"{dataset}, T={T}: retention by batch age")
-            notes.append(f"retention plot: `{plot.name}`")
+            # Plotted from the rows file when there is one, so that methods run
+            # separately share one plot.
+            plotted = [r for r in read_rows(args.rows) if (r["dataset"], r["T"]) == (dataset, T)] \
+                if args.rows else [r for r in rows if (r["dataset"], r["T"]) == (dataset, T)]
+            notes.extend(f"retention plot: `{name}`" for name in plot_all(plotted, args.out.parent))
     synthetic = None
     if args.overhead_edits and args.overhead_rounds:
         synthetic = overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, params),

@@ -129,9 +129,8 @@ class BaFTIntervention(nn.Module):
     @classmethod
     def stack(cls, parts: list["BaFTIntervention"]) -> "BaFTIntervention":
         """One intervention equal to applying the sum of all parts' basis terms."""
-        # Centres agree up to float noise (the same text on another device or thread count).
         if len({(p.gated, p.gate_layer) for p in parts}) != 1 or \
-                any(not torch.allclose(p.center, parts[0].center, rtol=1e-4, atol=1e-5) for p in parts):
+                any(not same_centre(p.center, parts[0].center) for p in parts):
             raise ValueError("cannot stack interventions with different gating or gate centres")
         first = parts[0]
         out = cls(first.hidden_size, sum(p.rank for p in parts), first.gated,
@@ -141,6 +140,11 @@ class BaFTIntervention(nn.Module):
                 getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))
             out.center.copy_(first.center)
         return out.to(first.R.device)
+
+
+def same_centre(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Gate centres agree up to float noise (the same text on another device or thread count)."""
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def causal_pool(s: torch.Tensor, valid: torch.Tensor | None = None,

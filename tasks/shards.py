@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from editing import AdapterError, AdapterSet, Fact, edit, load_model
+from editing.baft import same_centre
 from editing.facts import normalise
 
 
@@ -141,7 +142,7 @@ def _align_centres(adapter_set: AdapterSet) -> None:
         for iv in ivs[1:]:
             if torch.equal(iv.center, ivs[0].center):
                 continue
-            if not torch.allclose(iv.center, ivs[0].center, rtol=1e-4, atol=1e-5):
+            if not same_centre(iv.center, ivs[0].center):
                 raise AdapterError(f"layer {L}: blocks have different gate centres; "
                                    "were they trained with another gate layer or base model?")
             with torch.no_grad():
