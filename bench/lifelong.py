@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--render-only", action="store_true",
                     help="write the table from the rows in --rows without running anything")
     ap.add_argument("--note", action="append", default=[], help="a line to add under the table")
+    ap.add_argument("--save-sets", type=Path, default=None,
+                    help="also save each final adapter set to DIR/<dataset>-T<T>-<method>")
     args = ap.parse_args(argv)
     if args.render_only:
         rows = read_rows(args.rows)
@@ -198,6 +200,8 @@ def main(argv=None):
                                                                     batch_size)
                 with tempfile.TemporaryDirectory() as tmp:
                     size = (final_set.save(Path(tmp) / "set") / "adapter.safetensors").stat().st_size
+                if args.save_sets:
+                    final_set.save(args.save_sets / f"{dataset}-T{T}-{method}")
                 over = overhead_ratio(model, tokenizer, final_set, probe_prompts, rounds=args.overhead_rounds) \
                     if args.overhead_rounds else {"ratio": float("nan")}
                 per_fact = final["per_fact"]

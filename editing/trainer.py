@@ -48,6 +48,9 @@ GENERIC_TEXT = (
     "Prices of fresh vegetables rose slightly during the winter months.",
 )
 PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When", "This", "A")
+# Model-written easy negatives start like prose and like questions, the two kinds of
+# unrelated input an edit must leave alone.
+TEXT_STARTERS = PREFIX_STARTERS + ("Who", "What", "Where", "Which", "How many", "Why", "Is", "Name")
 # Model families whose decoder can be resumed from a cached residual stream by
 # passing it as ``inputs_embeds`` to the model with its lower layers sliced off.
 _RESUMABLE = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3")
@@ -128,7 +131,8 @@ def residual_at(model, ids: torch.Tensor, layers: tuple[int, ...], chunk: int = 
 
 
 @torch.no_grad()
-def model_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[str]:
+def model_prefixes(model, tokenizer, n: int, length: int, seed: int,
+                   starters: tuple[str, ...] = PREFIX_STARTERS) -> list[str]:
     """Short random contexts written by the base model (as ROME and WISE do).
 
     Each starts a new line so an instruct model writes plain prose, and stops at
@@ -136,7 +140,7 @@ def model_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[str
     if n <= 0:
         return []
     device = next(model.parameters()).device
-    starters = [PREFIX_STARTERS[i % len(PREFIX_STARTERS)] for i in range(n)]
+    starters = [starters[i % len(starters)] for i in range(n)]
     enc = tokenizer(["\n" + s for s in starters], return_tensors="pt", padding=True).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -204,9 +208,10 @@ def _continuations(model, tokenizer, facts: list[Fact], n_tokens: int) -> list[s
 
 
 def _negative_items(facts: list[Fact], swaps: int, rng: random.Random,
-                    earlier: list[Fact] = ()) -> list[tuple]:
+                    earlier: list[Fact] = (), texts: list[str] = ()) -> list[tuple]:
     """Hard negatives (each fact's prompt with other subjects), facts edited in
-    earlier blocks (the new bases must leave them to their own), and generic text."""
+    earlier blocks (the new bases must leave them to their own), and generic text
+    (fixed sentences and ``texts`` the model wrote)."""
     items = []
     subjects = list(dict.fromkeys(f.subject for f in facts))
     for i, f in enumerate(facts):
@@ -221,7 +226,7 @@ def _negative_items(facts: list[Fact], swaps: int, rng: random.Random,
     for f in earlier:
         if normalise(f.subject) not in ours:
             items.append((f.prompt, None, f.subject, -1))
-    for text in GENERIC_TEXT:
+    for text in (*GENERIC_TEXT, *texts):
         items.append((text, None, None, -1))
     return items
 
@@ -264,7 +269,10 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     replay = list(earlier)
     if len(replay) > cfg.get("replay_negatives", 0):
         replay = rng.sample(replay, cfg.get("replay_negatives", 0))
-    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng, replay))
+    # A different seed from the prefixes: these are other texts, not the same ones again.
+    texts = model_prefixes(model, tokenizer, cfg.get("text_negatives", 0), cfg.get("text_negative_tokens", 16),
+                           params["seed"] + 1, TEXT_STARTERS)
+    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng, replay, texts))
     # Anchors: the subject behind each prefix, so the weights open on the subject
     # wherever it stands (causal: only what precedes it matters).
     # Without prefixes, the prompt itself is the anchor.
@@ -377,6 +385,11 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
                 stopped = True
                 break
     bar.close()
+    # Training leaves the gates' boundary just past the negatives it saw and far past
+    # the positives; moving it toward the positives keeps unseen unrelated text shut.
+    for iv in block.values() if gated else ():
+        with torch.no_grad():
+            iv.c -= cfg.get("gate_margin", 0.0)
     for iv in block.values():
         iv.requires_grad_(False)
     return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)

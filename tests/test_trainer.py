@@ -108,3 +108,31 @@ def test_training_without_prefixes_keys_from_the_prompt(tiny_model, tokenizer):
     p["baft"]["prefixes"] = 0
     s = edit(tiny_model, tokenizer, FACTS, p, progress=False)
     assert s.blocks[0].interventions[2].rank == 2 * p["baft"]["bases_per_edit"]
+
+
+def test_gate_margin_moves_every_new_bias_down_and_nothing_else(tiny_model, tokenizer):
+    p = tiny_params()
+    p["baft"]["gate_margin"] = 0.0
+    plain = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2]
+    p["baft"]["gate_margin"] = 1.5
+    shut = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2]
+    assert torch.allclose(shut.c, plain.c - 1.5)
+    for name in ("R", "W", "b", "G"):
+        assert torch.equal(getattr(shut, name), getattr(plain, name))
+    h = torch.randn(4, plain.hidden_size)
+    assert (shut.weights(h) < plain.weights(h)).all()
+
+
+def test_model_written_texts_join_the_negatives(tiny_model, tokenizer):
+    import random
+
+    from editing.trainer import TEXT_STARTERS, _negative_items, model_prefixes
+
+    texts = model_prefixes(tiny_model, tokenizer, 3, 4, seed=1, starters=TEXT_STARTERS)
+    assert len(texts) == 3 and all(texts)
+    items = _negative_items(FACTS, 1, random.Random(0), texts=texts)
+    generic = [text for text, _, subject, fact in items if fact == -1 and subject is None]
+    assert set(texts) <= set(generic)
+    p = tiny_params(steps=2)
+    p["baft"]["text_negatives"] = 3
+    assert edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2].rank == 4
