@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from edit_quality import load_dataset, parse_overrides  # noqa: E402
+from edit_quality import device_name, load_dataset, parse_overrides  # noqa: E402
 
 from editing import AdapterSet, BaFTIntervention, edit, load_model, load_params  # noqa: E402
 from editing.adapters import Block  # noqa: E402
@@ -199,9 +198,8 @@ def main(argv=None):
                 immediate, final, seconds, final_set = run_sequence(model, tokenizer, facts, method, params,
                                                                     batch_size)
                 with tempfile.TemporaryDirectory() as tmp:
-                    size = (final_set.save(Path(tmp) / "set") / "adapter.safetensors").stat().st_size
-                if args.save_sets:
-                    final_set.save(args.save_sets / f"{dataset}-T{T}-{method}")
+                    where = args.save_sets / f"{dataset}-T{T}-{method}" if args.save_sets else Path(tmp) / "set"
+                    size = (final_set.save(where) / "adapter.safetensors").stat().st_size
                 over = overhead_ratio(model, tokenizer, final_set, probe_prompts, rounds=args.overhead_rounds) \
                     if args.overhead_rounds else {"ratio": float("nan")}
                 per_fact = final["per_fact"]
@@ -239,8 +237,7 @@ def _ratio(x: float) -> str:
 
 
 def render(rows, synthetic, args, params, notes) -> str:
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device = device_name()
     out = [f"# Lifelong editing ({time.strftime('%Y-%m-%d')})", "",
            f"Command: `python bench/lifelong.py {' '.join(sys.argv[1:])}`  ",
            f"Model: {params['model']['name']}; device: {device}; records from offset {args.offset}; "
