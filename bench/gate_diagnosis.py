@@ -1,0 +1,128 @@
+"""Where a lifelong BaFT set's locality leaks, and what lowering its gate biases buys.
+
+    .venv/bin/python bench/lifelong.py --datasets zsre --T 100 --methods baft \\
+        --set edit.baft.gate_margin=0 --save-sets /tmp/sets --overhead-rounds 0 --overhead-edits 0
+    .venv/bin/python bench/gate_diagnosis.py /tmp/sets/zsre-T100-baft --dataset zsre --T 100
+
+The set's facts are the first T usable records of the dataset from --offset, as
+in bench/lifelong.py. For every locality prompt: does the set change the base
+model's answer, and what is the strongest pooled basis weight anywhere in it?
+A leak through many small weights adding up would show small strongest weights
+on the failing prompts; half-open bases show large ones. Then every gate bias is
+moved down by each --shifts value (what ``edit.baft.gate_margin`` does after
+training) and all the facts are scored again on the set. Writes
+bench/results/gate_diagnosis.md and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from edit_quality import device_name, load_dataset  # noqa: E402
+
+from editing import AdapterSet, load_model  # noqa: E402
+from editing.evaluate import evaluate_facts  # noqa: E402
+from editing.metrics import _pairs_to_batch, answer_argmax, locality  # noqa: E402
+
+
+@torch.no_grad()
+def strongest_weights(model, tokenizer, adapter_set, pairs, batch_size=64) -> list[float]:
+    """Per (prompt, answer): the largest pooled basis weight at any of its positions."""
+    device = next(model.parameters()).device
+    out = []
+    with adapter_set.attach(model) as handle:
+        if not handle.states:
+            raise SystemExit("the set reads no pooled gate weights (ReFT, LoRA or gate_layer null)")
+        for i in range(0, len(pairs), batch_size):
+            ids, mask, _ = _pairs_to_batch(tokenizer, pairs[i:i + batch_size])
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            # causal_pool has already zeroed padding; the running maximum ends at the last token.
+            top = torch.stack([state.weights[:, -1].amax(-1) for state in handle.states.values()]).amax(0)
+            out.extend(top.tolist())
+    return out
+
+
+def shifted(adapter_set: AdapterSet, shift: float) -> AdapterSet:
+    """A copy of the set with every gate bias moved down by ``shift`` logits."""
+    out = adapter_set.copy()
+    out.blocks = []
+    for block in adapter_set.blocks:
+        moved = {}
+        for L, iv in block.interventions.items():
+            moved[L] = iv.select(torch.arange(iv.rank))   # a copy
+            with torch.no_grad():
+                moved[L].c -= shift
+        out.blocks.append(dataclasses.replace(block, interventions=moved))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("set_dir", type=Path, help="a BaFT adapter set (bench/lifelong.py --save-sets)")
+    ap.add_argument("--dataset", choices=["zsre", "counterfact"], default="zsre")
+    ap.add_argument("--T", type=int, required=True, help="how many facts the set edits")
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
+    ap.add_argument("--shifts", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0],
+                    help="gate-bias shifts (logits) to score")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_diagnosis.md")
+    args = ap.parse_args(argv)
+
+    adapter_set = AdapterSet.load(args.set_dir)
+    if adapter_set.method != "baft":
+        raise SystemExit(f"{args.set_dir} is a {adapter_set.method} set; only BaFT sets have gates")
+    model, tokenizer = load_model(adapter_set.base_model or "smollm2-135m")
+    facts = load_dataset(args.dataset, args.data_dir)[args.offset:args.offset + args.T]
+    if [f.fact_id for f in facts] != adapter_set.fact_ids:
+        raise SystemExit(f"{args.set_dir} does not edit the first {args.T} {args.dataset} facts "
+                         f"from offset {args.offset}")
+
+    pairs = [(x["prompt"], x["answer"]) for f in facts for x in f.locality]
+    base = answer_argmax(model, tokenizer, pairs)
+    with adapter_set.attach(model):
+        kept = locality(base, answer_argmax(model, tokenizer, pairs))
+    top = strongest_weights(model, tokenizer, adapter_set, pairs)
+    failing = [w for w, k in zip(top, kept) if k < 1]
+    passing = [w for w, k in zip(top, kept) if k == 1]
+
+    def median(xs):
+        return f"{statistics.median(xs):.3g}" if xs else "-"
+
+    lines = [
+        "# Gate diagnosis", "",
+        f"Set `{args.set_dir}` ({len(facts)} {args.dataset} facts, "
+        f"{sum(iv.rank for b in adapter_set.blocks for iv in b.interventions.values())} bases), "
+        f"device `{device_name()}`.", "",
+        f"Command: `python bench/gate_diagnosis.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+        "## Strongest pooled basis weight on the locality prompts", "",
+        "| locality prompts | count | median strongest weight | max |", "|---|---|---|---|",
+        f"| answer changed (locality < 1) | {len(failing)} | {median(failing)} | "
+        f"{max(failing, default=float('nan')):.3g} |",
+        f"| answer kept | {len(passing)} | {median(passing)} | {max(passing, default=float('nan')):.3g} |",
+        "", "## Every gate bias moved down after training", "",
+        "| shift (logits) | reliability | generality | locality |", "|---|---|---|---|",
+    ]
+    for shift in args.shifts:
+        m = evaluate_facts(model, tokenizer, facts, attach=shifted(adapter_set, shift).attach,
+                           base_locality=base)["means"]
+        lines.append(f"| {shift:g} | {m['reliability']:.3f} | {m['generality']:.3f} | {m['locality']:.3f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
