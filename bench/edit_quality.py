@@ -110,23 +110,36 @@ def main(argv=None):
     write_table(read_rows(args.rows) if args.rows else rows, args, params)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a --rows file, the newest per (dataset, method, batch), in a stable order."""
+def newest_rows(path: Path, key: tuple[str, ...]) -> list[dict]:
+    """Rows of a --rows file (JSON lines), the newest per ``key`` fields, in the order last written."""
     newest = {}
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            newest[(r["dataset"], r["method"], r["batch"])] = r
+            k = tuple(r[f] for f in key)
+            newest.pop(k, None)
+            newest[k] = r
+    return list(newest.values())
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The newest row per (dataset, method, batch), in a stable order."""
     order = {"none": 0, "baft": 1, "reft": 2, "lora": 3}
-    return sorted(newest.values(), key=lambda r: (r["dataset"], r["batch"], order.get(r["method"], 9)))
+    return sorted(newest_rows(path, ("dataset", "method", "batch")),
+                  key=lambda r: (r["dataset"], r["batch"], order.get(r["method"], 9)))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one step: an interrupted benchmark leaves the old table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_table(rows, args, params) -> None:
     table = render(rows, args, params)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(table)
-    tmp.replace(args.out)
+    write_atomic(args.out, table)
     print(table)
 
 

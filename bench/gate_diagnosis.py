@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from edit_quality import device_name, load_dataset  # noqa: E402
+from edit_quality import device_name, load_dataset, write_atomic  # noqa: E402
 
 from editing import AdapterSet, load_model  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
@@ -117,10 +117,7 @@ def main(argv=None):
         lines.append(f"| {shift:g} | {m['reliability']:.3f} | {m['generality']:.3f} | {m['locality']:.3f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    write_atomic(args.out, text)
     print(text)
 
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from edit_quality import device_name, load_dataset, parse_overrides  # noqa: E402
+from edit_quality import device_name, load_dataset, newest_rows, parse_overrides, write_atomic  # noqa: E402
 
 from editing import AdapterSet, BaFTIntervention, edit, load_model, load_params  # noqa: E402
 from editing.adapters import Block  # noqa: E402
@@ -125,15 +125,8 @@ def plot_retention(rows_by_batch: dict, path: Path, title: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a --rows file, the newest per (dataset, T, batch, method), in file order."""
-    newest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            key = (r["dataset"], r["T"], r["batch"], r["method"])
-            newest.pop(key, None)
-            newest[key] = r
-    return list(newest.values())
+    """The newest row per (dataset, T, batch, method), in the order last written."""
+    return newest_rows(path, ("dataset", "T", "batch", "method"))
 
 
 def plot_all(rows: list[dict], folder: Path) -> list[str]:
@@ -176,8 +169,9 @@ def main(argv=None):
     if args.render_only:
         rows = read_rows(args.rows)
         plot_all(rows, args.out.parent)
-        args.out.write_text(render(rows, None, args, load_params(), args.note))
-        print(args.out.read_text())
+        table = render(rows, None, args, load_params(), args.note)
+        write_atomic(args.out, table)
+        print(table)
         return
 
     params = load_params(overrides=parse_overrides(args.overrides))
@@ -227,8 +221,7 @@ def main(argv=None):
                                    probe_prompts, rounds=args.overhead_rounds)
         print(json.dumps({"synthetic_edits": args.overhead_edits, **synthetic}), flush=True)
     table = render(rows, synthetic, args, params, notes + args.note)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    write_atomic(args.out, table)
     print(table)
 
 
