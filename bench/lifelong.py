@@ -4,6 +4,7 @@ block trained on top of the set so far (BaFT; ReFT and LoRA applied the same way
     .venv/bin/python bench/lifelong.py                                   # T = 10 and 100, both datasets
     .venv/bin/python bench/lifelong.py --datasets zsre --T 1000 --batch-size 100   # on a GPU
     .venv/bin/python bench/lifelong.py --overhead-only --overhead-edits 1000
+    .venv/bin/python bench/lifelong.py --overhead-only --overhead-edits 0 --overhead-sets SAVED_SET_DIR
 
 Two protocols, both reported:
 - immediate: each batch scored right after it is applied, averaged over batches;
@@ -36,7 +37,7 @@ from edit_quality import device_name, load_dataset, newest_rows, parse_overrides
 from editing import AdapterSet, BaFTIntervention, edit, load_model, load_params  # noqa: E402
 from editing.adapters import Block  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.metrics import answer_argmax, greedy  # noqa: E402
+from editing.metrics import answer_argmax  # noqa: E402
 
 TRIO = ("reliability", "generality", "locality")
 
@@ -69,13 +70,21 @@ def run_sequence(model, tokenizer, facts, method, params, batch_size):
 
 @torch.no_grad()
 def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds=5) -> dict:
-    """Greedy generation latency with the set attached over the bare model, interleaved."""
+    """Greedy generation latency with the set attached over the bare model, interleaved.
+
+    Every prompt generates exactly ``new_tokens`` tokens both ways: an edit that
+    changes where the text ends would otherwise change the work being timed.
+    """
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, return_tensors="pt").to(device) for p in prompts]
+
     def timed(attached):
         handle = adapter_set.attach(model) if attached else None
         try:
             t0 = time.perf_counter()
-            for prompt in prompts:   # one prompt at a time, as a served request
-                greedy(model, tokenizer, [prompt], new_tokens)
+            for enc in encoded:   # one prompt at a time, as a served request
+                model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               pad_token_id=tokenizer.pad_token_id)
             return time.perf_counter() - t0
         finally:
             if handle is not None:
@@ -86,7 +95,7 @@ def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds
         bare.append(timed(False))
         edited.append(timed(True))
     b, e = statistics.median(bare), statistics.median(edited)
-    return {"bare_s": b, "edited_s": e, "ratio": e / b}
+    return {"bare_s": b, "edited_s": e, "ratio": e / b, "tokens": new_tokens * len(prompts)}
 
 
 def synthetic_set(model, n_edits: int, params: dict) -> AdapterSet:
@@ -154,7 +163,9 @@ def main(argv=None):
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     ap.add_argument("--overhead-edits", type=int, default=1000,
                     help="also time generation with a set of this many edits' shapes (0: skip)")
-    ap.add_argument("--overhead-only", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true", help="run no edits, only the overhead timings")
+    ap.add_argument("--overhead-sets", nargs="+", type=Path, default=[], metavar="DIR",
+                    help="also time generation with these saved adapter sets (e.g. from --save-sets)")
     ap.add_argument("--overhead-rounds", type=int, default=5, help="timed rounds per overhead ratio (0: skip)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lifelong.md")
@@ -215,12 +226,18 @@ def main(argv=None):
             plotted = [r for r in read_rows(args.rows) if (r["dataset"], r["T"]) == (dataset, T)] \
                 if args.rows else [r for r in rows if (r["dataset"], r["T"]) == (dataset, T)]
             notes.extend(f"retention plot: `{name}`" for name in plot_all(plotted, args.out.parent))
-    synthetic = None
+    overheads = []   # sets timed on their own: saved real sets, then the synthetic one
+    for where in args.overhead_sets:
+        saved = AdapterSet.load(where)
+        overheads.append({"set": str(where), "edits": len(saved.fact_ids),
+                          **overhead_ratio(model, tokenizer, saved, probe_prompts, rounds=args.overhead_rounds)})
+        print(json.dumps(overheads[-1]), flush=True)
     if args.overhead_edits and args.overhead_rounds:
-        synthetic = overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, params),
-                                   probe_prompts, rounds=args.overhead_rounds)
-        print(json.dumps({"synthetic_edits": args.overhead_edits, **synthetic}), flush=True)
-    table = render(rows, synthetic, args, params, notes + args.note)
+        overheads.append({"set": "synthetic (random keys: its gates never open)", "edits": args.overhead_edits,
+                          **overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, params),
+                                           probe_prompts, rounds=args.overhead_rounds)})
+        print(json.dumps(overheads[-1]), flush=True)
+    table = render(rows, overheads, args, params, notes + args.note)
     write_atomic(args.out, table)
     print(table)
 
@@ -229,7 +246,7 @@ def _ratio(x: float) -> str:
     return "-" if x != x else f"{x:.3f}x"    # NaN: not measured
 
 
-def render(rows, synthetic, args, params, notes) -> str:
+def render(rows, overheads, args, params, notes) -> str:
     device = device_name()
     out = [f"# Lifelong editing ({time.strftime('%Y-%m-%d')})", "",
            f"Command: `python bench/lifelong.py {' '.join(sys.argv[1:])}`  ",
@@ -237,8 +254,8 @@ def render(rows, synthetic, args, params, notes) -> str:
            f"overrides: {' '.join(args.overrides) or 'none'}.", "",
            "*immediate*: each batch scored right after it was applied (mean over batches). "
            "*final*: every edit scored on the final set (the WISE protocol: retention). "
-           "Overhead: greedy generation latency (32 tokens, batch 1) with the final set attached "
-           "over the bare model, interleaved in one run.", ""]
+           "Overhead: greedy generation latency (exactly 32 new tokens per prompt, batch 1) with the "
+           "final set attached over the bare model, interleaved in one run.", ""]
     if rows:
         out += ["| dataset | T | per batch | method | imm. rel | imm. gen | imm. loc | **final rel** | "
                 "**final gen** | **final loc** | s per edit | adapter bytes per edit | inference overhead |",
@@ -249,11 +266,11 @@ def render(rows, synthetic, args, params, notes) -> str:
                                     ("imm_reliability", "imm_generality", "imm_locality",
                                      "fin_reliability", "fin_generality", "fin_locality"))
                        + f" | {r['s_per_edit']:.2f} | {r['bytes_per_edit']:,.0f} | {_ratio(r['overhead'])} |")
-    if synthetic:
-        out += ["", f"Inference overhead with {args.overhead_edits} edits' worth of BaFT bases attached "
-                f"(a synthetic set: random keys, the shapes of {args.overhead_edits} trained edits): "
-                f"bare {synthetic['bare_s']:.3f} s, edited {synthetic['edited_s']:.3f} s, "
-                f"ratio **{synthetic['ratio']:.3f}x**."]
+    if overheads:
+        out += ["", "Inference overhead of adapter sets timed on their own:", "",
+                "| adapter set | edits | tokens | bare s | edited s | **ratio** |", "|---|---:|---:|---:|---:|---:|"]
+        out += [f"| `{o['set']}` | {o['edits']} | {o['tokens']} | {o['bare_s']:.3f} | {o['edited_s']:.3f} | "
+                f"**{o['ratio']:.3f}x** |" for o in overheads]
     commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
     if args.render_only and commands:
         out += ["", "Rows from these runs:"] + [f"- `{c}`" for c in commands]
