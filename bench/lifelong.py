@@ -227,7 +227,7 @@ def main(argv=None):
                 if args.rows else [r for r in rows if (r["dataset"], r["T"]) == (dataset, T)]
             notes.extend(f"retention plot: `{name}`" for name in plot_all(plotted, args.out.parent))
     overheads = []   # sets timed on their own: saved real sets, then the synthetic one
-    for where in args.overhead_sets:
+    for where in args.overhead_sets if args.overhead_rounds else []:
         saved = AdapterSet.load(where)
         overheads.append({"set": str(where), "edits": len(saved.fact_ids),
                           **overhead_ratio(model, tokenizer, saved, probe_prompts, rounds=args.overhead_rounds)})
