@@ -31,24 +31,23 @@ from edit_quality import device_name, load_dataset, write_atomic  # noqa: E402
 
 from editing import AdapterSet, load_model  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.metrics import _pairs_to_batch, answer_argmax, locality  # noqa: E402
+from editing.metrics import answer_argmax, locality  # noqa: E402
 
 
 @torch.no_grad()
-def strongest_weights(model, tokenizer, adapter_set, pairs, batch_size=64) -> list[float]:
-    """Per (prompt, answer): the largest pooled basis weight at any of its positions."""
-    device = next(model.parameters()).device
-    out = []
+def argmax_and_strongest_weights(model, tokenizer, adapter_set, pairs, batch_size=64):
+    """With the set attached, per (prompt, answer): ``answer_argmax``'s tokens and the
+    largest pooled basis weight at any of its positions, from one forward pass."""
+    argmax, strongest = [], []
     with adapter_set.attach(model) as handle:
         if not handle.states:
             raise SystemExit("the set reads no pooled gate weights (ReFT, LoRA or gate_layer null)")
         for i in range(0, len(pairs), batch_size):
-            ids, mask, _ = _pairs_to_batch(tokenizer, pairs[i:i + batch_size])
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            argmax.extend(answer_argmax(model, tokenizer, pairs[i:i + batch_size], batch_size))
             # causal_pool has already zeroed padding; the running maximum ends at the last token.
             top = torch.stack([state.weights[:, -1].amax(-1) for state in handle.states.values()]).amax(0)
-            out.extend(top.tolist())
-    return out
+            strongest.extend(top.tolist())
+    return argmax, strongest
 
 
 def shifted(adapter_set: AdapterSet, shift: float) -> AdapterSet:
@@ -59,8 +58,7 @@ def shifted(adapter_set: AdapterSet, shift: float) -> AdapterSet:
         moved = {}
         for L, iv in block.interventions.items():
             moved[L] = iv.select(torch.arange(iv.rank))   # a copy
-            with torch.no_grad():
-                moved[L].c -= shift
+            moved[L].lower_gates(shift)
         out.blocks.append(dataclasses.replace(block, interventions=moved))
     return out
 
@@ -88,9 +86,8 @@ def main(argv=None):
 
     pairs = [(x["prompt"], x["answer"]) for f in facts for x in f.locality]
     base = answer_argmax(model, tokenizer, pairs)
-    with adapter_set.attach(model):
-        kept = locality(base, answer_argmax(model, tokenizer, pairs))
-    top = strongest_weights(model, tokenizer, adapter_set, pairs)
+    edited, top = argmax_and_strongest_weights(model, tokenizer, adapter_set, pairs)
+    kept = locality(base, edited)
     failing = [w for w, k in zip(top, kept) if k < 1]
     passing = [w for w, k in zip(top, kept) if k == 1]
 

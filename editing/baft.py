@@ -102,6 +102,11 @@ class BaFTIntervention(nn.Module):
         self.c.fill_(-self.sharpness * self.threshold)
 
     @torch.no_grad()
+    def lower_gates(self, logits: float) -> None:
+        """Move every gate bias down by ``logits``: bases open later, on closer matches only."""
+        self.c -= logits
+
+    @torch.no_grad()
     def orthonormalise(self) -> None:
         """Project R back onto orthonormal rows (QR), keeping each row's span order."""
         q, r = torch.linalg.qr(self.R.T.float())

@@ -388,8 +388,7 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     # Training leaves the gates' boundary just past the negatives it saw and far past
     # the positives; moving it toward the positives keeps unseen unrelated text shut.
     for iv in block.values() if gated else ():
-        with torch.no_grad():
-            iv.c -= cfg.get("gate_margin", 0.0)
+        iv.lower_gates(cfg.get("gate_margin", 0.0))
     for iv in block.values():
         iv.requires_grad_(False)
     return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
