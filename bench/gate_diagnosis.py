@@ -10,7 +10,8 @@ model's answer, and what is the strongest pooled basis weight anywhere in it?
 A leak through many small weights adding up would show small strongest weights
 on the failing prompts; half-open bases show large ones. Then every gate bias is
 moved down by each --shifts value (what ``edit.baft.gate_margin`` does after
-training) and all the facts are scored again on the set. Writes
+training), with --ceiling also each basis down to that ceiling on its own fact's
+prompt (``edit.baft.gate_ceiling``), and all the facts are scored again on the set. Writes
 bench/results/gate_diagnosis.md and prints it.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from edit_quality import device_name, load_dataset, write_atomic  # noqa: E402
 from editing import AdapterSet, load_model  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
 from editing.metrics import answer_argmax, locality  # noqa: E402
+from editing.trainer import encode, gate_shift, residual_at  # noqa: E402
 
 
 @torch.no_grad()
@@ -50,15 +52,27 @@ def argmax_and_strongest_weights(model, tokenizer, adapter_set, pairs, batch_siz
     return argmax, strongest
 
 
-def shifted(adapter_set: AdapterSet, shift: float) -> AdapterSet:
-    """A copy of the set with every gate bias moved down by ``shift`` logits."""
+def shifted(adapter_set: AdapterSet, shift: float, ceiling: float | None = None,
+            model=None, tokenizer=None, facts=None) -> AdapterSet:
+    """A copy of the set with every gate bias moved down by ``shift`` logits (negative:
+    up), and with ``ceiling`` further down until its fact's prompt holds it open by at
+    most ``ceiling`` logits: what ``edit.baft.gate_margin`` and ``gate_ceiling`` do
+    after training (``gate_shift``), applied to a finished set."""
+    by_id = {f.fact_id: f for f in facts or []}
     out = adapter_set.copy()
     out.blocks = []
     for block in adapter_set.blocks:
         moved = {}
         for L, iv in block.interventions.items():
             moved[L] = iv.select(torch.arange(iv.rank))   # a copy
-            moved[L].lower_gates(shift)
+            if ceiling is None:
+                moved[L].lower_gates(shift)
+                continue
+            enc = encode(tokenizer, [(by_id[f].prompt, by_id[f].target_new, by_id[f].subject, i)
+                                     for i, f in enumerate(block.fact_ids)])
+            prompt_g = residual_at(model, enc.ids, (iv.gate_layer,))[0]
+            valid = torch.arange(enc.ids.shape[1])[None, :] < enc.lengths[:, None]
+            moved[L].lower_gates(gate_shift(iv, prompt_g, enc.target_mask, valid, block.owner, shift, ceiling))
         out.blocks.append(dataclasses.replace(block, interventions=moved))
     return out
 
@@ -71,7 +85,10 @@ def main(argv=None):
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     ap.add_argument("--shifts", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0],
-                    help="gate-bias shifts (logits) to score")
+                    help="gate-bias shifts (logits) to score; negative ones raise the biases")
+    ap.add_argument("--ceiling", type=float, default=None,
+                    help="also lower each basis until its fact's prompt holds it open by at most this "
+                         "(edit.baft.gate_ceiling, on top of whatever the set was trained with)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_diagnosis.md")
     args = ap.parse_args(argv)
 
@@ -105,11 +122,13 @@ def main(argv=None):
         f"| answer changed (locality < 1) | {len(failing)} | {median(failing)} | "
         f"{max(failing, default=float('nan')):.3g} |",
         f"| answer kept | {len(passing)} | {median(passing)} | {max(passing, default=float('nan')):.3g} |",
-        "", "## Every gate bias moved down after training", "",
-        "| shift (logits) | reliability | generality | locality |", "|---|---|---|---|",
+        "", "## Every gate bias moved down after training"
+        + (f", and each down to a ceiling of {args.ceiling:g} logits on its fact's prompt" if args.ceiling is not None else ""),
+        "", "| shift (logits) | reliability | generality | locality |", "|---|---|---|---|",
     ]
     for shift in args.shifts:
-        m = evaluate_facts(model, tokenizer, facts, attach=shifted(adapter_set, shift).attach,
+        moved = shifted(adapter_set, shift, args.ceiling, model, tokenizer, facts)
+        m = evaluate_facts(model, tokenizer, facts, attach=moved.attach,
                            base_locality=base)["means"]
         lines.append(f"| {shift:g} | {m['reliability']:.3f} | {m['generality']:.3f} | {m['locality']:.3f} |")
         print(lines[-1], flush=True)

@@ -67,8 +67,12 @@ class BaFTIntervention(nn.Module):
         """s(h): (..., rank) basis weights in (0, 1), or ones for ReFT."""
         if not self.gated:
             return h.new_ones(*h.shape[:-1], self.rank)
+        return torch.sigmoid(self.gate_logits(h))
+
+    def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """g_k^T u(h) + c_k: (..., rank), the weights before the sigmoid."""
         unit = F.normalize(h - self.center.to(h.dtype), dim=-1)
-        return torch.sigmoid(unit @ self.G.T.to(h.dtype) + self.c.to(h.dtype))
+        return unit @ self.G.T.to(h.dtype) + self.c.to(h.dtype)
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Phi(h); ``weights`` are s(.) read elsewhere (a gate layer), else s(h)."""
@@ -102,9 +106,10 @@ class BaFTIntervention(nn.Module):
         self.c.fill_(-self.sharpness * self.threshold)
 
     @torch.no_grad()
-    def lower_gates(self, logits: float) -> None:
-        """Move every gate bias down by ``logits``: bases open later, on closer matches only."""
-        self.c -= logits
+    def lower_gates(self, logits: float | torch.Tensor) -> None:
+        """Move the gate biases down by ``logits`` (one figure, or one per basis):
+        bases open later, on closer matches only."""
+        self.c -= torch.as_tensor(logits, dtype=self.c.dtype, device=self.c.device)
 
     @torch.no_grad()
     def orthonormalise(self) -> None:

@@ -385,13 +385,36 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
                 stopped = True
                 break
     bar.close()
-    # Training leaves the gates' boundary just past the negatives it saw and far past
-    # the positives; moving it toward the positives keeps unseen unrelated text shut.
-    for iv in block.values() if gated else ():
-        iv.lower_gates(cfg.get("gate_margin", 0.0))
+    if gated:
+        plain = torch.arange(n_facts) * (1 + len(prefixes))   # each fact's own prompt, unprefixed
+        for iv in block.values():
+            iv.lower_gates(gate_shift(iv, pos_g[plain], pos.target_mask[plain], pos_valid[plain],
+                                       owner, cfg.get("gate_margin", 0.0), cfg.get("gate_ceiling")))
     for iv in block.values():
         iv.requires_grad_(False)
     return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
+
+
+@torch.no_grad()
+def gate_shift(iv: BaFTIntervention, prompt_g: torch.Tensor, target_mask: torch.Tensor,
+                valid: torch.Tensor, owner: torch.Tensor, margin: float, ceiling: float | None) -> torch.Tensor:
+    """How far each new basis's bias moves down after training.
+
+    Training leaves the gates' boundary just past the negatives it saw and far past
+    the positives; moving it toward the positives keeps unseen unrelated text shut.
+    Every basis moves by ``margin`` logits, and one that its own fact's prompt still
+    holds open by more than ``ceiling`` logits moves on until it holds it by ``ceiling``:
+    the more confident a gate, the further it can move without losing its fact.
+    """
+    shift = torch.full((iv.rank,), float(margin), device=iv.c.device)
+    if ceiling is None:
+        return shift
+    # The prompt's own positions (up to the token before the answer), pooled as at inference.
+    before_answer = (target_mask.long().cumsum(1) - target_mask.long()) == 0
+    seen = (valid & before_answer & (torch.arange(valid.shape[1]) > 0)).to(prompt_g.device)
+    z = iv.gate_logits(prompt_g).masked_fill(~seen.unsqueeze(-1), -torch.inf).amax(1)   # (n_facts, rank)
+    own = z[owner.to(z.device), torch.arange(iv.rank, device=z.device)]
+    return torch.maximum(shift, own - ceiling)
 
 
 class _SideBySide(nn.Module):

@@ -112,7 +112,7 @@ def test_training_without_prefixes_keys_from_the_prompt(tiny_model, tokenizer):
 
 def test_gate_margin_moves_every_new_bias_down_and_nothing_else(tiny_model, tokenizer):
     p = tiny_params()
-    p["baft"]["gate_margin"] = 0.0
+    p["baft"].update(gate_margin=0.0, gate_ceiling=None)
     plain = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2]
     p["baft"]["gate_margin"] = 1.5
     shut = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2]
@@ -121,6 +121,35 @@ def test_gate_margin_moves_every_new_bias_down_and_nothing_else(tiny_model, toke
         assert torch.equal(getattr(shut, name), getattr(plain, name))
     h = torch.randn(4, plain.hidden_size)
     assert (shut.weights(h) < plain.weights(h)).all()
+
+
+def test_gate_ceiling_caps_each_basis_on_its_own_prompt(tiny_model, tokenizer):
+    from editing.baft import causal_pool
+
+    p = tiny_params(steps=20, lr=0.05)
+    p["baft"].update(gate_margin=0.0, gate_ceiling=None)
+    free = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0]
+    p["baft"].update(gate_margin=0.5, gate_ceiling=-1.0)
+    capped = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0]
+    a, b = free.interventions[2], capped.interventions[2]
+    for name in ("R", "W", "b", "G"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    shift = a.c - b.c
+    assert (shift >= 0.5 - 1e-5).all()
+    # On its own fact's prompt no basis opens by more than the ceiling (or the margin's worth less).
+    enc = encode(tokenizer, [(f.prompt, None, None, -1) for f in FACTS])
+    h = residual_at(tiny_model, enc.ids, (1,))[0]
+    valid = torch.arange(h.shape[1])[None, :] < enc.lengths[:, None]
+    for iv, in_logits in ((a, False), (b, True)):
+        pooled = causal_pool(iv.weights(h), valid)[torch.arange(len(FACTS)), enc.lengths - 1]
+        own = pooled[capped.owner, torch.arange(iv.rank)]
+        if in_logits:
+            assert (torch.logit(own) <= -1.0 + 1e-4).all()
+            # where the ceiling did not bind, the shift is the margin alone
+            free_own = torch.logit(own) + shift
+            assert torch.allclose(shift[free_own - 0.5 <= -1.0], torch.tensor(0.5))
+        else:
+            assert (torch.logit(own) > -1.0).any(), "the test needs some gate above the ceiling"
 
 
 def test_model_written_texts_join_the_negatives(tiny_model, tokenizer):
