@@ -397,7 +397,7 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
 
 @torch.no_grad()
 def gate_shift(iv: BaFTIntervention, prompt_g: torch.Tensor, target_mask: torch.Tensor,
-                valid: torch.Tensor, owner: torch.Tensor, margin: float, ceiling: float | None) -> torch.Tensor:
+               valid: torch.Tensor, owner: torch.Tensor, margin: float, ceiling: float | None) -> torch.Tensor:
     """How far each new basis's bias moves down after training.
 
     Training leaves the gates' boundary just past the negatives it saw and far past
