@@ -116,7 +116,7 @@ def newest_rows(path: Path, key: tuple[str, ...]) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            k = tuple(r[f] for f in key)
+            k = tuple(r.get(f, "") for f in key)   # a field older rows lack counts as empty
             newest.pop(k, None)
             newest[k] = r
     return list(newest.values())

@@ -134,19 +134,21 @@ def plot_retention(rows_by_batch: dict, path: Path, title: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The newest row per (dataset, T, batch, method), in the order last written."""
-    return newest_rows(path, ("dataset", "T", "batch", "method"))
+    """The newest row per (dataset, T, batch, method, overrides), in the order last written."""
+    return newest_rows(path, ("dataset", "T", "batch", "method", "overrides"))
 
 
-def plot_all(rows: list[dict], folder: Path) -> list[str]:
-    """One retention plot per (dataset, T) from the rows that carry their series."""
+def plot_all(rows: list[dict], out: Path) -> list[str]:
+    """One retention plot per (dataset, T) from the rows that carry their series,
+    beside ``out`` and named after it (lifelong.md: lifelong-<dataset>-T<T>.png)."""
     groups: dict = {}
     for r in rows:
         if r.get("retention"):
-            groups.setdefault((r["dataset"], r["T"]), {})[f"{r['method']} ({r['batch']}/batch)"] = r["retention"]
+            label = f"{r['method']} ({r['batch']}/batch{', ' + r['overrides'] if r.get('overrides') else ''})"
+            groups.setdefault((r["dataset"], r["T"]), {})[label] = r["retention"]
     names = []
     for (dataset, T), series in groups.items():
-        path = folder / f"lifelong-{dataset}-T{T}.png"
+        path = out.parent / f"{out.stem}-{dataset}-T{T}.png"
         plot_retention(series, path, f"{dataset}, T={T}: retention by batch age")
         names.append(path.name)
     return names
@@ -179,7 +181,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.render_only:
         rows = read_rows(args.rows)
-        plot_all(rows, args.out.parent)
+        plot_all(rows, args.out)
         table = render(rows, None, args, load_params(), args.note)
         write_atomic(args.out, table)
         print(table)
@@ -211,6 +213,7 @@ def main(argv=None):
                 retention[method] = [statistics.mean(r["reliability"] for r in per_fact[i:i + batch_size])
                                      for i in range(0, T, batch_size)]
                 row = {"dataset": dataset, "T": T, "batch": batch_size, "method": method,
+                       "overrides": " ".join(args.overrides),
                        **{f"imm_{k}": statistics.mean(m[k] for m in immediate if m[k] is not None) for k in TRIO},
                        **{f"fin_{k}": final["means"][k] for k in TRIO},
                        "s_per_edit": seconds / T, "bytes_per_edit": size / T, "overhead": over["ratio"],
@@ -225,7 +228,7 @@ def main(argv=None):
             # separately share one plot.
             plotted = [r for r in read_rows(args.rows) if (r["dataset"], r["T"]) == (dataset, T)] \
                 if args.rows else [r for r in rows if (r["dataset"], r["T"]) == (dataset, T)]
-            notes.extend(f"retention plot: `{name}`" for name in plot_all(plotted, args.out.parent))
+            notes.extend(f"retention plot: `{name}`" for name in plot_all(plotted, args.out))
     overheads = []   # sets timed on their own: saved real sets, then the synthetic one
     for where in args.overhead_sets if args.overhead_rounds else []:
         saved = AdapterSet.load(where)
@@ -261,7 +264,8 @@ def render(rows, overheads, args, params, notes) -> str:
                 "**final gen** | **final loc** | s per edit | adapter bytes per edit | inference overhead |",
                 "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            out.append(f"| {r['dataset']} | {r['T']} | {r['batch']} | {r['method']} | "
+            method = f"{r['method']} ({r['overrides']})" if r.get("overrides") else r["method"]
+            out.append(f"| {r['dataset']} | {r['T']} | {r['batch']} | {method} | "
                        + " | ".join(f"{r[k]:.3f}" for k in
                                     ("imm_reliability", "imm_generality", "imm_locality",
                                      "fin_reliability", "fin_generality", "fin_locality"))
