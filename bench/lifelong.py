@@ -134,8 +134,10 @@ def plot_retention(rows_by_batch: dict, path: Path, title: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The newest row per (dataset, T, batch, method, overrides), in the order last written."""
-    return newest_rows(path, ("dataset", "T", "batch", "method", "overrides"))
+    """The newest row per (dataset, T, batch, method, overrides), sorted by those fields."""
+    order = {"baft": 0, "reft": 1, "lora": 2}
+    return sorted(newest_rows(path, ("dataset", "T", "batch", "method", "overrides")),
+                  key=lambda r: (r["dataset"], r["T"], r["batch"], order.get(r["method"], 9), r.get("overrides", "")))
 
 
 def plot_all(rows: list[dict], out: Path) -> list[str]:

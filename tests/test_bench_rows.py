@@ -28,6 +28,6 @@ def test_ablation_rows_sit_beside_the_default_row_and_reruns_replace(tmp_path):
 
     table = [line for line in out.read_text().splitlines() if line.startswith("| zsre")]
     assert len(table) == 2
-    assert "| baft (edit.baft.replay_negatives=0) |" in table[0] and "| 0.700 |" in table[0]
-    assert "| baft |" in table[1] and "| 0.900 |" in table[1] and "0.500" not in table[1]
+    assert "| baft |" in table[0] and "| 0.900 |" in table[0] and "0.500" not in table[0]
+    assert "| baft (edit.baft.replay_negatives=0) |" in table[1] and "| 0.700 |" in table[1]
     assert (tmp_path / "ablation-zsre-T20.png").is_file()
