@@ -137,7 +137,8 @@ def read_rows(path: Path) -> list[dict]:
     """The newest row per (dataset, T, batch, method, overrides), sorted by those fields."""
     order = {"baft": 0, "reft": 1, "lora": 2}
     return sorted(newest_rows(path, ("dataset", "T", "batch", "method", "overrides")),
-                  key=lambda r: (r["dataset"], r["T"], r["batch"], order.get(r["method"], 9), r.get("overrides", "")))
+                  key=lambda r: (r["dataset"], r["T"], r["batch"], order.get(r["method"], 9),
+                                 r.get("overrides", "")))
 
 
 def plot_all(rows: list[dict], out: Path) -> list[str]:
