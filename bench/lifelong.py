@@ -134,11 +134,11 @@ def plot_retention(rows_by_batch: dict, path: Path, title: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The newest row per (dataset, T, batch, method, overrides), sorted by those fields."""
+    """The newest row per (dataset, T, batch, method, overrides), sorted by those fields.
+    Rows written before overrides were recorded ran on the defaults."""
     order = {"baft": 0, "reft": 1, "lora": 2}
-    return sorted(newest_rows(path, ("dataset", "T", "batch", "method", "overrides")),
-                  key=lambda r: (r["dataset"], r["T"], r["batch"], order.get(r["method"], 9),
-                                 r.get("overrides", "")))
+    rows = [{"overrides": "", **r} for r in newest_rows(path, ("dataset", "T", "batch", "method", "overrides"))]
+    return sorted(rows, key=lambda r: (r["dataset"], r["T"], r["batch"], order.get(r["method"], 9), r["overrides"]))
 
 
 def plot_all(rows: list[dict], out: Path) -> list[str]:
@@ -147,7 +147,7 @@ def plot_all(rows: list[dict], out: Path) -> list[str]:
     groups: dict = {}
     for r in rows:
         if r.get("retention"):
-            label = f"{r['method']} ({r['batch']}/batch{', ' + r['overrides'] if r.get('overrides') else ''})"
+            label = f"{r['method']} ({r['batch']}/batch{', ' + r['overrides'] if r['overrides'] else ''})"
             groups.setdefault((r["dataset"], r["T"]), {})[label] = r["retention"]
     names = []
     for (dataset, T), series in groups.items():
@@ -267,7 +267,7 @@ def render(rows, overheads, args, params, notes) -> str:
                 "**final gen** | **final loc** | s per edit | adapter bytes per edit | inference overhead |",
                 "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            method = f"{r['method']} ({r['overrides']})" if r.get("overrides") else r["method"]
+            method = f"{r['method']} ({r['overrides']})" if r["overrides"] else r["method"]
             out.append(f"| {r['dataset']} | {r['T']} | {r['batch']} | {method} | "
                        + " | ".join(f"{r[k]:.3f}" for k in
                                     ("imm_reliability", "imm_generality", "imm_locality",
