@@ -30,26 +30,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tasks.faults import FAULT_ENV, InjectedFault, checkpoint  # noqa: F401 (re-exported)
 from tasks.workspace import Home, atomic_write_json, ensure_initialised
 
-FAULT_ENV = "LEDIT_INJECT_FAULT"
 FAULT_POINTS = ("after_claim", "after_stage", "after_parquet_write", "after_dvc_add",
                 "after_commit", "after_ledger", "after_push")
 PHASES = ("claimed", "staged", "written", "added", "committed", "recorded", "pushed", "done")
 
 
-class InjectedFault(RuntimeError):
-    """Raised at a named point to simulate a crash (tests, ``LEDIT_INJECT_FAULT``)."""
-
-
 class IngestError(RuntimeError):
     pass
-
-
-def _checkpoint(point: str, fault: str | None) -> None:
-    wanted = fault or os.environ.get(FAULT_ENV)
-    if wanted and point in wanted.split(","):
-        raise InjectedFault(f"injected fault at {point}")
 
 
 @dataclass
@@ -123,7 +113,7 @@ def _claim(home: Home, inbox_url: str, fault: str | None) -> dict | None:
          "received_at": now.isoformat(), "started_at": now.isoformat(), "files": files,
          "timings": {}}
     _save(home, j)
-    _checkpoint("after_claim", fault)
+    checkpoint("after_claim", fault)
     _drain_inbox(j)
     return j
 
@@ -226,7 +216,7 @@ def _stage(home: Home, j: dict, fault: str | None) -> dict:
     })
     j["timings"].update({"validate_s": round(t_validate, 3), "dedupe_s": round(t_dedupe, 3),
                          "peak_rss_validate_mb": rss_validate, "peak_rss_mb": _peak_rss_mb()})
-    _checkpoint("after_stage", fault)
+    checkpoint("after_stage", fault)
     return j
 
 
@@ -254,7 +244,7 @@ def _write_batch(home: Home, j: dict, fault: str | None) -> dict:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dest)
-    _checkpoint("after_parquet_write", fault)
+    checkpoint("after_parquet_write", fault)
     j["phase"] = "written"
     j["timings"]["write_s"] = round(time.perf_counter() - t0, 3)
     return j
@@ -265,7 +255,7 @@ def _dvc_add(home: Home, j: dict, fault: str | None) -> dict:
 
     t0 = time.perf_counter()
     j["dvc_md5"] = version.dvc_add(home.workspace, _batch_rel(j["batch"]))
-    _checkpoint("after_dvc_add", fault)
+    checkpoint("after_dvc_add", fault)
     j["phase"] = "added"
     j["timings"]["dvc_add_s"] = round(time.perf_counter() - t0, 3)
     return j
@@ -292,7 +282,7 @@ def _commit(home: Home, j: dict, fault: str | None) -> dict:
         paths.append("batches/.gitignore")
     j["commit"] = version.commit_and_tag(home.workspace, paths, tag=tag, message=message,
                                          marker=f"run {j['run_id']}")
-    _checkpoint("after_commit", fault)
+    checkpoint("after_commit", fault)
     j["phase"] = "committed"
     j["timings"]["commit_s"] = round(time.perf_counter() - t0, 3)
     return j
@@ -308,7 +298,7 @@ def _record(home: Home, j: dict, fault: str | None) -> dict:
          "size": f["size"], "run_id": j["run_id"], "batch": j.get("batch"),
          "ingested_at": j["received_at"], **j["per_file"].get(f["name"], {})}
         for f in j["files"] if not f["skipped"]])
-    _checkpoint("after_ledger", fault)
+    checkpoint("after_ledger", fault)
     j["phase"] = "recorded"
     return j
 
@@ -320,7 +310,7 @@ def _push(home: Home, j: dict, fault: str | None) -> dict:
         t0 = time.perf_counter()
         version.dvc_push(home.workspace)
         j["timings"]["dvc_push_s"] = round(time.perf_counter() - t0, 3)
-    _checkpoint("after_push", fault)
+    checkpoint("after_push", fault)
     j["phase"] = "pushed"
     return j
 

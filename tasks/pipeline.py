@@ -24,14 +24,13 @@ already live with the same answer is skipped when planning.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from tasks import publish as pub
+from tasks.faults import FAULT_ENV, InjectedFault, checkpoint  # noqa: F401 (re-exported)
 from tasks.workspace import Home, atomic_write_json
 
-FAULT_ENV = "LEDIT_INJECT_FAULT"
 FAULT_POINTS = ("during_training", "after_training", "after_evaluation", "after_publish")
 FINAL = ("promoted", "rejected", "dry-run", "abandoned")
 _REPO = Path(__file__).resolve().parent.parent
@@ -40,20 +39,6 @@ _MODELS: dict = {}
 
 class PipelineError(RuntimeError):
     """A pipeline step that cannot go on; the message says what is wrong."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised at a named point to simulate a crash (tests, ``LEDIT_INJECT_FAULT``)."""
-
-
-def checkpoint(point: str) -> None:
-    """``LEDIT_INJECT_FAULT=point`` raises here; ``point:kill`` kills the process outright."""
-    wanted = os.environ.get(FAULT_ENV, "").split(",")
-    if f"{point}:kill" in wanted:
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-    if point in wanted:
-        raise InjectedFault(f"injected fault at {point}")
 
 
 def as_home(home) -> Home:
