@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from editing import AdapterSet, edit, load_model, load_params  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.facts import FactError, records_to_facts  # noqa: E402
+from editing.facts import FactError, read_records, records_to_facts  # noqa: E402
 
 FILES = {"counterfact": "counterfact-val.json", "zsre": "zsre-dev.json"}
 SAMPLES = {"counterfact": "counterfact-sample.json", "zsre": "zsre-sample.json"}
@@ -40,14 +40,21 @@ def load_dataset(name: str, data_dir: Path) -> list:
     if not path.exists():
         path = ROOT / "data" / "samples" / SAMPLES[name]
         print(f"note: {data_dir / FILES[name]} not found, using the bundled sample {path}")
-    facts, skipped = [], []
-    for i, rec in enumerate(json.loads(path.read_text())):
-        try:   # public files hold a few unusable records (empty or no-op targets)
-            facts.extend(records_to_facts([rec], file=str(path)))
-        except FactError as exc:
-            skipped.append(f"record {i}: {exc.reason}")
+    # Public files hold a few records the schema refuses (no-op or empty targets, invisible
+    # characters in locality answers): skip them, and say how many of each kind.
+    records = read_records(path)
+    skipped: list[FactError] = []
+    facts = list(records_to_facts(records, file=str(path), skipped=skipped, skip_refused=True))
     if skipped:
-        print(f"note: {len(skipped)} records skipped in {path.name}: {'; '.join(skipped[:5])}")
+        print(f"note: {len(skipped)} of {len(records)} records skipped in {path.name}:")
+        by_kind: dict[str, list[FactError]] = {}
+        for exc in skipped:
+            by_kind.setdefault(exc.kind, []).append(exc)
+        for kind, excs in by_kind.items():
+            first, more = excs[0], ", ..." if len(excs) > 5 else ""
+            detail = "" if first.reason == kind else f": {first.reason}"
+            print(f"  {len(excs)} x {kind}: records {', '.join(str(e.record) for e in excs[:5])}"
+                  f"{more} (first in field {first.field}{detail})")
     return facts
 
 

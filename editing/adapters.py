@@ -271,18 +271,38 @@ class AdapterSet:
         return out
 
     def save(self, directory: str | Path) -> Path:
+        """Write the set to ``directory`` whole or not at all: staged beside it, fsynced,
+        swapped in by rename; on any failure the staging directory is removed and what was
+        at ``directory`` is left as it was. A full disk raises ``OSError(ENOSPC)`` naming
+        ``directory`` (safetensors reports it as its own error type)."""
+        import errno
+
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        staging = None
         try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
             save_file(self.tensors(), str(staging / WEIGHTS), metadata={"format": "ledit-adapter-set"})
+            with open(staging / WEIGHTS, "rb") as f:
+                os.fsync(f.fileno())           # safetensors does not: a power cut could empty it
             manifest = self.manifest()
             manifest["weights"] = {"file": WEIGHTS, "sha256": _sha256(staging / WEIGHTS)}
             _write_json(staging / MANIFEST, manifest)
             _swap_in(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException as exc:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+                "os error 28" in str(exc) or "No space left" in str(exc)
+            if full and isinstance(exc, Exception):
+                raise OSError(errno.ENOSPC, f"No space left on device writing the adapter set "
+                              f"{directory} (nothing there was replaced)") from exc
             raise
+        fd = os.open(directory.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)                       # the rename itself survives a power cut
+        finally:
+            os.close(fd)
         return directory
 
     @classmethod

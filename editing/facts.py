@@ -18,14 +18,33 @@ REQUIRED = ("subject", "prompt", "target_new")
 OPTIONAL_STR = ("fact_id", "relation", "target_old", "source", "observed_at")
 OPS = ("upsert", "retract")
 MAX_STRING = 2000
+# Fact ids go into file names, MLflow tag keys (``fact.<id>``: MLflow allows letters, digits,
+# ``_ - . / :`` and space, 250 characters) and lineage output, so only a plain charset.
+FACT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+FACT_ID_REASON = (f"fact_id must match {FACT_ID_PATTERN} "
+                  "(letters, digits, '.', '_', '-'; at most 128)")
+# Characters refused in every text field, since they make what a reader sees differ from
+# what the model is trained on: C0 controls but TAB, LF and CR; DEL and the C1 controls;
+# the bidirectional marks, embeddings, overrides and isolates ("Trojan Source"); the
+# invisible zero-width space, word joiner and BOM; the line and paragraph separators.
+# ZWNJ and ZWJ (U+200C, U+200D) are allowed: Persian, Indic scripts and emoji need them.
+# A plain (not raw) string: the class holds the characters themselves, which Python's re
+# and polars' Rust regex both read (a regex \u escape would be \x{...} in Rust).
+CONTROL_CHARS = ("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f"
+                 "\u2028-\u202e\u2060\u2066-\u2069\ufeff]")
+CONTROL_KIND = "control or bidirectional character"
+SUBJECT_KIND = "the prompt does not mention the subject"
+_CONTROL_RE = re.compile(CONTROL_CHARS)
+_FACT_ID_RE = re.compile(FACT_ID_PATTERN)
 
 
 class FactError(ValueError):
     """A record that cannot be used, naming the file, the record and the field."""
 
     def __init__(self, message: str, *, file: str | None = None, record: int | None = None,
-                 field: str | None = None):
+                 field: str | None = None, kind: str | None = None):
         self.file, self.record, self.field, self.reason = file, record, field, message
+        self.kind = kind or message     # the reason without its record-specific details
         where = ", ".join(x for x in (
             f"file {file}" if file else None,
             f"record {record}" if record is not None else None,
@@ -66,18 +85,41 @@ def fact_key(subject: str, relation_or_prompt: str) -> str:
     return "f-" + digest.hexdigest()[:16]
 
 
-def _string(rec: dict, name: str, *, required: bool, where: dict) -> str | None:
-    value = rec.get(name)
+def control_char_reason(text: str) -> str | None:
+    """Why ``text`` is refused for its first control or bidirectional character, or None."""
+    m = _CONTROL_RE.search(text)
+    if m is None:
+        return None
+    ch = m.group()
+    return (f"contains U+{ord(ch):04X} ({unicodedata.name(ch, '<control>')}) at character "
+            f"{m.start() + 1}: control and bidirectional characters are refused")
+
+
+def subject_reason(subject: str) -> str:
+    return f"{SUBJECT_KIND} {subject!r}"
+
+
+def subject_in_prompt(subject: str, prompt: str) -> bool:
+    """Whether the prompt mentions the subject (compared as ``normalise`` keys them)."""
+    return normalise(subject) in normalise(prompt)
+
+
+def _string(rec: dict, name: str, *, required: bool, where: dict, label: str | None = None
+            ) -> str | None:
+    value, label = rec.get(name), label or name
     if value is None:
         if required:
-            raise FactError("missing required field", field=name, **where)
+            raise FactError("missing required field", field=label, **where)
         return None
     if not isinstance(value, str):
-        raise FactError(f"expected a string, got {type(value).__name__}", field=name, **where)
+        raise FactError(f"expected a string, got {type(value).__name__}", field=label, **where)
     if not value.strip():
-        raise FactError("empty or whitespace-only string", field=name, **where)
+        raise FactError("empty or whitespace-only string", field=label, **where)
     if len(value) > MAX_STRING:
-        raise FactError(f"string longer than {MAX_STRING} characters", field=name, **where)
+        raise FactError(f"string longer than {MAX_STRING} characters", field=label, **where)
+    problem = control_char_reason(value)
+    if problem:
+        raise FactError(problem, field=label, kind=CONTROL_KIND, **where)
     return value
 
 
@@ -89,8 +131,8 @@ def _pairs(rec: dict, name: str, where: dict) -> list[dict]:
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise FactError(f"item {i} is not an object", field=name, **where)
-        p = _string(item, "prompt", required=True, where=where)
-        a = _string(item, "answer", required=True, where=where)
+        p = _string(item, "prompt", required=True, where=where, label=f"{name}[{i}].prompt")
+        a = _string(item, "answer", required=True, where=where, label=f"{name}[{i}].answer")
         out.append({"prompt": p, "answer": a})
     return out
 
@@ -108,14 +150,26 @@ def fact_from_record(rec: Any, *, file: str | None = None, record: int | None = 
         raise FactError("a retract needs fact_id, or subject and prompt", field="fact_id", **where)
     for name in OPTIONAL_STR:
         values[name] = _string(rec, name, required=False, where=where)
+        fid = values[name] if name == "fact_id" else None
+        if fid is not None and not _FACT_ID_RE.fullmatch(fid):
+            raise FactError(FACT_ID_REASON, field="fact_id", **where)
     rephrase = rec.get("rephrase_prompts") or []
     if isinstance(rephrase, str):
         rephrase = [rephrase]
     if not isinstance(rephrase, list) or not all(isinstance(x, str) and x.strip() for x in rephrase):
         raise FactError("expected a list of non-empty strings", field="rephrase_prompts", **where)
+    for i, text in enumerate(rephrase):
+        problem = control_char_reason(text)
+        if problem:
+            raise FactError(problem, field=f"rephrase_prompts[{i}]", kind=CONTROL_KIND, **where)
     if (op == "upsert" and values["target_old"] is not None
             and normalise(values["target_old"]) == normalise(values["target_new"])):
         raise FactError(NOOP, field="target_new", **where)
+    # The editing method finds the subject in the prompt; a retract names its fact either way.
+    if (values["subject"] is not None and values["prompt"] is not None
+            and not subject_in_prompt(values["subject"], values["prompt"])):
+        raise FactError(subject_reason(values["subject"]), field="prompt", kind=SUBJECT_KIND,
+                        **where)
     return Fact(
         subject=values["subject"] or "", prompt=values["prompt"] or "",
         target_new=values["target_new"] or "", fact_id=values["fact_id"] or "",
@@ -186,18 +240,22 @@ NOOP = "target_new equals target_old: the update changes nothing"
 
 
 def records_to_facts(records: Iterable[Any], *, file: str | None = None, fmt: str | None = None,
-                     skipped: list | None = None) -> Iterator[Fact]:
+                     skipped: list | None = None, skip_refused: bool = False) -> Iterator[Fact]:
     """Map (if needed) and validate records; raises FactError on the first bad one.
 
     With a ``skipped`` list, no-op updates (target_new equal to target_old, which
-    public benchmark files contain) are appended to it instead of raising."""
+    public benchmark files contain) are appended to it instead of raising; with
+    ``skip_refused`` too, so is every refused record (for benchmark runs, which use
+    the records they can; group them by ``FactError.kind``)."""
+    if skip_refused and skipped is None:
+        raise ValueError("skip_refused needs a skipped list to record what it skips")
     for i, rec in enumerate(records):
         kind = fmt or (detect_format(rec) if isinstance(rec, dict) else "ledit")
         mapped = FORMATS[kind](rec) if kind in FORMATS else rec
         try:
             yield fact_from_record(mapped, file=file, record=i)
         except FactError as exc:
-            if skipped is None or exc.reason != NOOP:
+            if skipped is None or not (skip_refused or exc.reason == NOOP):
                 raise
             skipped.append(exc)
 

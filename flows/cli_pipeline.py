@@ -51,6 +51,23 @@ def prepare_env(home: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def start_prefect_api(home: Path) -> None:
+    """Start this process's ephemeral Prefect API under a file lock in LEDIT_HOME.
+
+    Several triggers started at once would each start a server on the same new prefect.db
+    and race on its migrations ("table ... already exists"); one at a time, the first
+    migrates and the rest find the schema current. The server then lives until the process
+    exits, so the flow reuses it."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from filelock import FileLock
+    from prefect.client.orchestration import get_client
+
+    with FileLock(str(home / ".prefect-start.lock")):
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()
+
+
 def _fail(message: str, as_json: bool = False, code: int = 1):
     if as_json:
         click.echo(json.dumps({"status": "failed", "error": message}))
@@ -64,6 +81,10 @@ def _print_summary(s: dict) -> None:
         click.echo(f"candidate    {s['version']}  (registry version {s.get('model_version')}, "
                    f"MLflow run {s.get('mlflow_run_id')})")
     click.echo(f"production   {s.get('production_version') or 'none'}")
+    p = s.get("production") or {}       # tasks.pipeline.production_status
+    if p and not p.get("agree", True):
+        click.echo(f"warning      pointer {p.get('pointer')}, MLflow alias {p.get('alias') or p.get('alias_error')}"
+                   + ("; a switch is in flight: the next run finishes it" if p.get("promotion") else ""))
     click.echo(f"batches      {', '.join(s.get('batches') or []) or 'none new'}")
     c = s.get("changes")
     if c:
@@ -99,13 +120,14 @@ def run_cmd(home, fact_files, as_json, dry_run, force):
     from flows.nightly import manual_edit, nightly_refresh
 
     try:
+        start_prefect_api(h)
         if fact_files or dry_run or force:
             summary = manual_edit(facts=[str(Path(f).resolve()) for f in fact_files] or None,
                                   dry_run=dry_run, force=force, home=str(h))
         else:
             summary = nightly_refresh(home=str(h))
     except Exception as exc:
-        _fail(f"{type(exc).__name__}: {exc}", as_json)
+        _fail("\n".join([f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", ())]), as_json)
     if as_json:
         sys.stderr.flush()
         click.echo(json.dumps(summary, sort_keys=True, default=str))

@@ -4,7 +4,8 @@ One run, as the pipeline diagram in DESIGN.md draws it::
 
     inbox ─ingest (validate, dedupe, version with DVC)─> new batches + pending facts
       └─> train a candidate on top of production ─> evaluate ─> MLflow ─> gate
-            ├─pass─> registry version + alias production + published/<version>
+            ├─pass─> registry version; published/<version>; pointer + alias production
+            │        switched under a promotion record (tasks.pipeline: recover finishes it)
             └─fail─> rejected version; production unchanged; facts pending with reasons
 
 Each flow takes ``home`` (LEDIT_HOME) and ``params`` (a whole params.yaml as a dict; None
@@ -18,7 +19,7 @@ import time
 from prefect import flow
 
 from tasks import pipeline_tasks as t
-from tasks.pipeline import as_home, pipeline_lock, pipeline_params
+from tasks.pipeline import as_home, failure_note, pipeline_lock, pipeline_params
 from tasks.publish import update_record
 
 
@@ -58,12 +59,21 @@ def rollback(version: str, home: str | None = None, params: dict | None = None) 
 
 
 def refresh(home: str, params: dict, *, dry_run: bool = False, force: bool = False) -> dict:
+    seen: dict = {}
+    try:
+        return _refresh(home, params, seen, dry_run=dry_run, force=force)
+    except Exception as exc:       # the error ends with where production and the facts stand
+        exc.add_note(failure_note(home, seen.get("production", "?"), exc))
+        raise
+
+
+def _refresh(home: str, params: dict, seen: dict, *, dry_run: bool, force: bool) -> dict:
     timings: dict[str, float] = {}
     progress = t.Progress("ledit pipeline run")
     lap = _Lap(timings)
     with pipeline_lock(as_home(home), float(pipeline_params(params).get("lock_timeout_s", -1))):
         lap("wait_lock")
-        t.load_production_set(home, params)          # settle a killed run; verify the checksum
+        seen["production"] = t.load_production_set(home, params)["version"]  # settle a killed run
         t.ingest_facts(home)                                             # validate, dedupe, version
         batches = t.find_new_batches(home, force)
         facts = [t.load_batch.with_options(refresh_cache=force)(home, b["tag"], b["dvc_md5"])
@@ -104,11 +114,12 @@ def refresh(home: str, params: dict, *, dry_run: bool = False, force: bool = Fal
 
 def _abandon(home: str, version: str, run_id: str | None, exc: BaseException) -> None:
     """A failed run leaves production as it was; its record and MLflow run say why."""
-    from tasks.publish import production_version
+    from tasks.publish import production_version, read_promotion
 
     try:
-        if production_version(as_home(home)) == version:
-            return        # published already: the next run's recovery finishes the promotion
+        promotion = read_promotion(as_home(home))
+        if (promotion or {}).get("version") == version or production_version(as_home(home)) == version:
+            return        # its promotion began: the next run's recovery finishes it
         update_record(as_home(home), version, status="abandoned",
                       abandoned_reason=f"{type(exc).__name__}: {exc}"[:2000])
         if run_id:

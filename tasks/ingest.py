@@ -17,9 +17,18 @@ so two ingests never interleave and DVC never runs twice at once.
 Nothing is dropped: every record in is either accepted (batch), a duplicate (the run's
 duplicates file, with its status) or quarantined (with file, line and reason); every file
 taken in is archived by content hash and recorded in the files ledger.
+
+No file stops the stream. One that cannot be read (a parser error, a crash in a reader,
+any ``Exception``) becomes one quarantine entry, and the run goes on with the others. One
+that kills the process is caught by the journal: before reading a file, ``stage`` counts
+the attempt there (``read_started``; ``read_finished`` when it got through); once the
+ingest has died ``ingest.max_read_attempts`` times while reading a file, the file is
+quarantined unread. ``sources.ReadLimits`` bound what any one file may cost.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import resource
@@ -31,10 +40,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tasks.faults import FAULT_ENV, InjectedFault, checkpoint  # noqa: F401 (re-exported)
+from tasks.sources import ReadLimits
 from tasks.workspace import Home, atomic_write_json, ensure_initialised
 
-FAULT_POINTS = ("after_claim", "after_stage", "after_parquet_write", "after_dvc_add",
-                "after_commit", "after_ledger", "after_push")
+FAULT_POINTS = ("after_claim", "reading_file", "after_stage", "after_parquet_write",
+                "after_dvc_add", "after_commit", "after_ledger", "after_push")
 PHASES = ("claimed", "staged", "written", "added", "committed", "recorded", "pushed", "done")
 
 
@@ -132,8 +142,32 @@ def _drain_inbox(j: dict) -> None:
                 pass
 
 
-def _validate_files(j: dict, parts_dir: Path, received_at: datetime, per_file: dict):
-    """Validate every claimed file chunk by chunk; good rows go to Parquet parts."""
+def _file_reject(f: dict, run_id: str, reason: str):
+    """One quarantine entry for a whole file (line, record and field null), with a preview
+    of its first bytes."""
+    import polars as pl
+
+    from tasks import sources
+    from tasks.validate import QUARANTINE_SCHEMA
+
+    try:
+        with open(f["archived"], "rb") as fh:
+            raw = sources._preview(fh.read(sources.PREVIEW))
+    except OSError as exc:
+        raw = f"<no preview: {exc}>"
+    row = dict.fromkeys(QUARANTINE_SCHEMA)
+    row.update(file=f["name"], sha256=f["sha256"], archived=f["archived"], reason=reason,
+               raw=raw, run_id=run_id)
+    return pl.DataFrame({k: [v] for k, v in row.items()}, schema=QUARANTINE_SCHEMA)
+
+
+def _validate_files(home: Home, j: dict, parts_dir: Path, received_at: datetime,
+                    per_file: dict, limits: ReadLimits, fault: str | None = None):
+    """Validate every claimed file chunk by chunk; good rows go to Parquet parts.
+
+    Each file is isolated: if reading or checking it fails, what it produced is discarded
+    and it counts as one record in, quarantined with the error. Each read is counted in
+    the journal first, so a file that kills the process is found on recovery."""
     from tasks import sources, validate
 
     bad_frames, parts = [], []
@@ -145,29 +179,67 @@ def _validate_files(j: dict, parts_dir: Path, received_at: datetime, per_file: d
         archived = Path(f["archived"])
         if not archived.exists():
             raise IngestError(f"archived copy of {f['name']} is missing: {archived}")
-        for n, chunk in enumerate(sources.read_file(archived)):
-            good, bad = validate.validate_chunk(
-                chunk, file=f["name"], sha256=f["sha256"], archived=f["archived"],
-                seq=f["seq"], run_id=j["run_id"], received_at=received_at)
-            records_in += len(chunk)
-            stats["records"] += len(chunk)
-            stats["quarantined"] += bad.height
-            del chunk
-            if bad.height:
-                bad_frames.append(bad)
-            if good.height:
-                part = parts_dir / f"part-{f['seq']:05d}-{n:05d}.parquet"
-                good.write_parquet(part)
-                parts.append(part)
+        died = f.get("read_started", 0) - f.get("read_finished", 0)
+        if died >= limits.max_read_attempts:
+            bad_frames.append(_file_reject(
+                f, j["run_id"], f"file not read: the ingest died while reading it {died} "
+                f"times (ingest.max_read_attempts={limits.max_read_attempts})"))
+            stats.update(records=1, quarantined=1)
+            records_in += 1
+            continue
+        f["read_started"] = f.get("read_started", 0) + 1
+        _save(home, j)                # also records the previous file's read_finished
+        checkpoint("reading_file", fault)
+        n_parts, n_frames = len(parts), len(bad_frames)
+        n_in = n_bad = 0
+        writing = False
+        try:
+            for n, chunk in enumerate(sources.read_file(archived, limits=limits)):
+                good, bad = validate.validate_chunk(
+                    chunk, file=f["name"], sha256=f["sha256"], archived=f["archived"],
+                    seq=f["seq"], run_id=j["run_id"], received_at=received_at)
+                n_in += len(chunk)
+                n_bad += bad.height
+                del chunk
+                if bad.height:
+                    bad_frames.append(bad)
+                if good.height:
+                    part = parts_dir / f"part-{f['seq']:05d}-{n:05d}.parquet"
+                    parts.append(part)        # first, so a torn write is removed too
+                    writing = True
+                    good.write_parquet(part)
+                    writing = False
+        except BaseException as exc:
+            if writing or not isinstance(exc, Exception):
+                # our own write failed (a full disk) or an interrupt (Ctrl-C, SIGTERM's
+                # exit): not the file's fault, so not an attempt; the run fails as before
+                f["read_started"] -= 1
+                with contextlib.suppress(OSError):
+                    _save(home, j)
+                raise
+            for part in parts[n_parts:]:
+                part.unlink(missing_ok=True)
+            del parts[n_parts:], bad_frames[n_frames:]
+            detail = f"{type(exc).__name__}: {exc}"
+            if len(detail) > 1000:
+                detail = detail[:1000] + "..."
+            bad_frames.append(_file_reject(f, j["run_id"], f"file could not be read: {detail}"))
+            n_in = n_bad = 1
+        f["read_finished"] = f.get("read_finished", 0) + 1
+        records_in += n_in
+        stats["records"] += n_in
+        stats["quarantined"] += n_bad
+    _save(home, j)
     return parts, bad_frames, records_in
 
 
-def _stage(home: Home, j: dict, fault: str | None) -> dict:
+def _stage(home: Home, j: dict, fault: str | None, limits: ReadLimits | None = None) -> dict:
     """Validate every claimed file chunk by chunk, write the quarantine, deduplicate."""
     import polars as pl
 
     from tasks import dedupe, ledger, sources, version
 
+    limits = limits or ReadLimits.from_params()
     t0 = time.perf_counter()
     _drain_inbox(j)
     run_dir = home.run_dir(j["run_id"])
@@ -177,7 +249,8 @@ def _stage(home: Home, j: dict, fault: str | None) -> dict:
     received_at = datetime.fromisoformat(j["received_at"])
     per_file: dict = {}
     with sources.gc_paused():
-        parts, bad_frames, records_in = _validate_files(j, parts_dir, received_at, per_file)
+        parts, bad_frames, records_in = _validate_files(home, j, parts_dir, received_at,
+                                                        per_file, limits, fault)
     t_validate = time.perf_counter() - t0
     rss_validate = _peak_rss_mb()
 
@@ -240,10 +313,17 @@ def _write_batch(home: Home, j: dict, fault: str | None) -> dict:
     dest = home.workspace / _batch_rel(j["batch"])
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    pl.scan_parquet(j["staged_batch"]).select(batch_columns()).sink_parquet(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    checkpoint("write_batch", fault)
+    try:
+        pl.scan_parquet(j["staged_batch"]).select(batch_columns()).sink_parquet(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)      # a partial file keeps the space a full disk lacks
+        if "os error 28" in str(exc):    # polars reports ENOSPC as its own ComputeError
+            raise OSError(errno.ENOSPC, f"No space left on device writing batch {dest}") from exc
+        raise
     checkpoint("after_parquet_write", fault)
     j["phase"] = "written"
     j["timings"]["write_s"] = round(time.perf_counter() - t0, 3)
@@ -332,9 +412,10 @@ STEPS = {"claimed": _stage, "staged": _write_batch, "written": _dvc_add, "added"
          "committed": _record, "recorded": _push, "pushed": _finish}
 
 
-def _run(home: Home, j: dict, fault: str | None) -> dict:
+def _run(home: Home, j: dict, fault: str | None, limits: ReadLimits | None = None) -> dict:
     while j["phase"] != "done":
-        j = STEPS[j["phase"]](home, j, fault)
+        step = STEPS[j["phase"]]
+        j = step(home, j, fault, limits) if step is _stage else step(home, j, fault)
         if j["phase"] != "done":
             _save(home, j)
     return j
@@ -342,14 +423,17 @@ def _run(home: Home, j: dict, fault: str | None) -> dict:
 
 # -- the API ----------------------------------------------------------------------
 def ingest(home: str | os.PathLike | Home | None = None, *, inbox: str | None = None,
-           lock_timeout: float = -1, fault: str | None = None) -> IngestResult:
+           lock_timeout: float = -1, fault: str | None = None,
+           limits: ReadLimits | None = None) -> IngestResult:
     """Process the inbox: finish any run a crash interrupted, then take in what is waiting.
 
     ``inbox`` overrides the configured inbox URL for this call. ``lock_timeout`` is how long
     to wait for a concurrent ingest (-1: as long as it takes). ``fault`` names a point in
-    ``FAULT_POINTS`` at which to raise ``InjectedFault`` (crash tests).
+    ``FAULT_POINTS`` at which to raise ``InjectedFault`` (crash tests). ``limits``: a
+    ``sources.ReadLimits`` (default: ``params.yaml`` ``ingest:``, via ``$LEDIT_PARAMS``).
     """
     t0 = time.perf_counter()
+    limits = limits or ReadLimits.from_params()
     h = home if isinstance(home, Home) else Home.at(home)
     with h.lock(lock_timeout):
         ensure_initialised(h)
@@ -357,10 +441,10 @@ def ingest(home: str | os.PathLike | Home | None = None, *, inbox: str | None = 
         pending = read_journal(h)
         if pending:
             recovered.append(pending["run_id"])
-            done.append(_run(h, pending, fault))
+            done.append(_run(h, pending, fault, limits))
         j = _claim(h, inbox or h.inbox_url, fault)
         if j:
-            done.append(_run(h, j, fault))
+            done.append(_run(h, j, fault, limits))
     return _summarise(done, recovered, time.perf_counter() - t0)
 
 
@@ -412,4 +496,6 @@ def last_json_line(text: str) -> dict:
     raise ValueError("no output")
 
 
-__all__ = ["ingest", "IngestResult", "InjectedFault", "FAULT_POINTS", "status", "read_journal"]
+__all__ = ["ingest", "IngestResult", "InjectedFault", "FAULT_POINTS", "status", "read_journal",
+           "ReadLimits"]
+

@@ -1,4 +1,5 @@
-"""The steps of a pipeline run, as plain functions (no Prefect, no MLflow).
+"""The steps of a pipeline run, as plain functions (no Prefect; MLflow only to move and read
+the registry alias ``production``, which a promotion switches with the pointer).
 
     ingest ─> new batches + pending facts ─> plan ─> train candidate ─> evaluate ─> gate
                                                                       ├pass─> publish
@@ -20,6 +21,13 @@ State that outlives a run, in ``$LEDIT_HOME/state/pipeline.json`` (atomic writes
 A second trigger waits on ``$LEDIT_HOME/.pipeline.lock`` until the first has finished.
 An edit is never doubled: publishing and marking edits applied are idempotent, and a fact
 already live with the same answer is skipped when planning.
+
+Production is named twice: by ``published/production`` and by the MLflow alias
+``production``. Two stores cannot switch atomically, so a promotion or rollback is a
+journaled switch (``_switch``): a record in ``state/promotion.json`` first, then the pointer,
+the alias, the applied ledger and the state, then the record is removed. The pointer and the
+alias may disagree only while that record names the switch; ``recover``, which the next run
+and every rollback call first, finishes it. ``production_status`` shows both and the record.
 """
 from __future__ import annotations
 
@@ -31,7 +39,9 @@ from tasks import publish as pub
 from tasks.faults import FAULT_ENV, InjectedFault, checkpoint  # noqa: F401 (re-exported)
 from tasks.workspace import Home, atomic_write_json
 
-FAULT_POINTS = ("during_training", "after_training", "after_evaluation", "after_publish")
+# after_mlflow_log and after_register are in tasks.pipeline_tasks (the MLflow tasks)
+FAULT_POINTS = ("during_training", "after_training", "during_evaluation", "after_evaluation",
+                "after_mlflow_log", "after_register", "after_pointer", "after_publish")
 FINAL = ("promoted", "rejected", "dry-run", "abandoned")
 _REPO = Path(__file__).resolve().parent.parent
 _MODELS: dict = {}
@@ -143,7 +153,7 @@ def batch_edits(home, tag: str, dvc_md5: str) -> list[dict]:
 
     import polars as pl
 
-    from editing.facts import fact_from_record
+    from editing.facts import FactError, fact_from_record
     from tasks.prepare import FACT_FIELDS, read_batch
 
     h = as_home(home)
@@ -157,12 +167,18 @@ def batch_edits(home, tag: str, dvc_md5: str) -> list[dict]:
     items = []
     for i, row in enumerate(df.iter_rows(named=True)):
         rec = {k: row[k] for k in FACT_FIELDS if row.get(k) not in (None, [])}
-        fact = fact_from_record(rec, file=f"batch {tag}", record=i)
-        items.append({"fact": fact.to_dict(), "origin": {
-            "batch": tag, "dvc_md5": dvc_md5, "source_file": row.get("source_file"),
-            "source_line": row.get("source_line"), "source_sha256": row.get("source_sha256"),
-            "record_hash": row.get("record_hash"), "ingest_run": row.get("run_id"),
-            "observed_at": str(row["observed_at"]) if row.get("observed_at") else None}})
+        origin = {"batch": tag, "dvc_md5": dvc_md5, "source_file": row.get("source_file"),
+                  "source_line": row.get("source_line"), "source_sha256": row.get("source_sha256"),
+                  "record_hash": row.get("record_hash"), "ingest_run": row.get("run_id"),
+                  "observed_at": str(row["observed_at"]) if row.get("observed_at") else None}
+        try:
+            fact = fact_from_record(rec, file=f"batch {tag}", record=i)
+        except FactError as exc:
+            # accepted by an older rule set: one such record must not stop the batch
+            items.append({"fact": {"fact_id": rec.get("fact_id") or f"{tag}#{i}"}, "origin": origin,
+                          "refused": str(exc)})
+            continue
+        items.append({"fact": fact.to_dict(), "origin": origin})
     return items
 
 
@@ -193,7 +209,8 @@ def plan(home, params: dict, batches: list[dict], batch_items: list[list[dict]],
 
     Edits = pending facts (unless parked, or forced), then every unprocessed batch in order; a
     later version of a fact replaces an earlier one. Skipped, each with a reason: upserts
-    already live with the same answer (unless forced), retracts of facts that are not live.
+    already live with the same answer (unless forced), retracts of facts that are not live,
+    and batch records that today's record rules refuse (a batch ingested under older rules).
     A retract of a pending fact removes it from pending.
     """
     h = as_home(home)
@@ -215,6 +232,9 @@ def plan(home, params: dict, batches: list[dict], batch_items: list[list[dict]],
             chosen[item["fact"]["fact_id"]] = dict(item, retry=0)
     edits, skipped, cancelled = [], [], []
     for fid, item in chosen.items():
+        if item.get("refused"):
+            skipped.append({"fact_id": fid, "reason": f"refused by the current record rules: {item['refused']}"})
+            continue
         f = item["fact"]
         live_id = fid if fid in live else live_key.get(_key(f))
         if f.get("op") == "retract":
@@ -275,6 +295,7 @@ def train_candidate(home, params: dict, version: str, *, progress: bool = False)
     else:
         candidate = edit(model, tokenizer, facts, params["edit"], progress=progress, **meta)
     seconds = time.perf_counter() - t0
+    checkpoint("write_adapter")
     out = candidate.save(pub.candidate_dir(h, version))
     AdapterSet.load(out)                      # what was written reads back, checksum and all
     changes = dict(getattr(candidate, "changes", None) or {})
@@ -370,6 +391,7 @@ def evaluate_candidate(home, params: dict, version: str) -> dict:
         return result["means"]
 
     new_means = run(new, "new", fluency)
+    checkpoint("during_evaluation")            # some facts evaluated, nothing saved yet
     kept_means = run(kept, "retained")
     gone_means = run(retracted, "retracted")
     for k, v in (new_means or {}).items():
@@ -412,13 +434,55 @@ def judge(home, params: dict, version: str, evaluation: dict) -> dict:
 
 # -- 5. publish or reject -------------------------------------------------------------------------
 def publish(home, params: dict, version: str) -> dict:
-    """Publish the candidate, switch production, mark its edits applied, settle the state.
+    """Copy the candidate to ``published/<version>``, then promote it with the journaled switch:
+    pointer, MLflow alias, applied ledger, state.
 
-    Every step is idempotent, so a publish interrupted anywhere is finished by redoing it."""
+    Every step is idempotent, so a publish interrupted anywhere is finished by redoing it; a
+    killed one is finished by ``recover`` from the promotion record."""
     h = as_home(home)
     record = pub.read_record(h, version)
     path = pub.publish_set(h, version, pub.candidate_dir(h, version))
-    checkpoint("after_publish")
+    _switch(h, params, _begin(h, "promote", version, record.get("model_version")))
+    return {"version": version, "published_dir": str(path), "status": "promoted"}
+
+
+def _begin(h: Home, kind: str, version: str, model_version: str | None) -> dict:
+    previous = pub.production_version(h)
+    try:
+        previous_mv = pub.read_record(h, previous).get("model_version") if previous else None
+    except pub.PublishError:        # a set published without a record: nothing to name
+        previous_mv = None
+    return pub.begin_promotion(h, {"kind": kind, "version": version, "model_version": model_version,
+                                   "previous": previous, "previous_model_version": previous_mv,
+                                   "started_at": pub.now()})
+
+
+def _switch(h: Home, params: dict, promotion: dict) -> None:
+    """Carry out a recorded switch of production; idempotent, so redone from any point.
+
+    Order: pointer, alias, then the ledger and the state, then the record goes. A crash
+    between the pointer and the alias leaves them disagreeing, with the record naming it."""
+    from tasks import tracking
+
+    version, kind = promotion["version"], promotion["kind"]
+    reason = "promoted" if kind == "promote" else f"rollback from {promotion.get('previous')}"
+    pub.switch_production(h, version, reason=reason)
+    checkpoint("after_pointer")
+    if promotion.get("model_version"):
+        tracking.set_production_alias(h, params, promotion["model_version"])
+    record = pub.read_record(h, version)
+    if kind == "promote":
+        checkpoint("after_publish")
+        _settle_promoted(h, record)
+    else:   # a rollback: the ledger follows production, the pending facts stay as they are
+        _sync_ledger(h, live_facts(h, promotion.get("previous")), record["live_after"], version,
+                     record.get("mlflow_run_id"))
+    pub.end_promotion(h, promotion)
+
+
+def _settle_promoted(h: Home, record: dict) -> None:
+    """Mark the candidate's edits applied and its batches processed, and the record promoted."""
+    version = record["version"]
     _sync_ledger(h, record["live_before"], record["live_after"], version, record.get("mlflow_run_id"))
     state = read_state(h)
     for e in record["edits"]:
@@ -426,9 +490,9 @@ def publish(home, params: dict, version: str) -> dict:
     for fid in record.get("cancelled", []):
         state["pending"].pop(fid, None)
     state["processed_batches"] = sorted(set(state["processed_batches"]) | {b["tag"] for b in record["batches"]})
-    pub.update_record(h, version, status="promoted", published_dir=str(path), published_at=pub.now())
+    pub.update_record(h, version, status="promoted", published_dir=str(pub.published_dir(h, version)),
+                      published_at=record.get("published_at") or pub.now())
     write_state(h, state)
-    return {"version": version, "published_dir": str(path), "status": "promoted"}
 
 
 def _sync_ledger(h: Home, before: list[dict], after: list[dict], version: str, run: str | None) -> None:
@@ -472,18 +536,73 @@ def reject(home, params: dict, version: str, verdict: dict, *, dry_run: bool = F
     return {"version": version, "status": status, "reasons": v.reasons, "pending": reasons}
 
 
-# -- recovery and rollback ------------------------------------------------------------------------
-def recover(home) -> list[dict]:
-    """Settle candidates a killed run left open: one that reached production is finished as
-    promoted; any other is marked abandoned (its batches are still unprocessed, so the next plan
-    takes its facts again). Returns what was settled (caller holds the pipeline lock)."""
+def failure_note(home, before: str | None, exc: BaseException) -> str:
+    """Where production and the waiting facts stand after a failed run, read from disk only
+    (never MLflow, which may be what failed); appended to the run's error."""
+    import errno
+    import shutil
+
+    from tasks.ingest import read_journal
+
     h = as_home(home)
-    production = pub.production_version(h)
+    try:
+        now, switch = pub.production_version(h), pub.read_promotion(h)
+        if switch:
+            where = (f"a switch of production to {switch['version']} is in flight (pointer at {now}); "
+                     "the next run finishes it")
+        elif now == before:
+            where = f"production unchanged ({now or 'none yet'})"
+        else:
+            where = f"production is {now} (was {before})"
+        waiting = []
+        j = read_journal(h)
+        if j and j["phase"] in ("claimed", "staged", "written", "added"):
+            waiting.append(f"{j.get('accepted', 'the')} accepted fact(s) in ingest run {j['run_id']}, "
+                           f"stopped at '{j['phase']}'")
+        batches = [b["tag"] for b in unprocessed_batches(h)]
+        if batches:
+            waiting.append(f"{len(batches)} unprocessed batch(es) ({', '.join(batches)})")
+        pending = len(read_state(h)["pending"])
+        if pending:
+            waiting.append(f"{pending} pending fact(s)")
+        note = f"ledit: the run failed; {where}; " + (
+            f"the facts stay pending for the next run: {'; '.join(waiting)}" if waiting
+            else "no facts were waiting")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            note += f". Disk full: {shutil.disk_usage(h.root).free / 2**20:.0f} MiB free under {h.root}"
+        return note
+    except Exception as unread:
+        return f"ledit: the run failed; where production and the facts stand could not be read: {unread}"
+
+
+# -- recovery and rollback ------------------------------------------------------------------------
+def recover(home, params: dict | None = None) -> list[dict]:
+    """Settle what a killed run or rollback left open, before anything else (caller holds the
+    pipeline lock):
+
+    - a promotion record: the switch it names is finished (pointer, alias, ledger, state),
+      whichever step it had reached; a recorded switch is only ever rolled forward;
+    - a candidate the pointer names but not promoted (a home from before promotions were
+      recorded): promoted the same way;
+    - any other open candidate: abandoned (its batches are still unprocessed, so the next
+      plan takes its facts again).
+
+    ``params`` names the registered model whose alias moves (default: params.yaml).
+    Returns what was settled, each with the MLflow run to close."""
+    h = as_home(home)
+    params = params if params is not None else _default_params()
     settled = []
+    promotion = pub.read_promotion(h)
+    if promotion is not None:
+        _switch(h, params, promotion)
+        promoted = promotion["kind"] == "promote"
+        run = pub.read_record(h, promotion["version"]).get("mlflow_run_id") if promoted else None
+        settled.append({"version": promotion["version"], "previous": promotion.get("previous"),
+                        "status": "promoted" if promoted else "rolled-back", "mlflow_run_id": run})
+    production = pub.production_version(h)
     for record in pub.list_records(h):
         if record["version"] == production and record.get("status") != "promoted":
-            # published, then killed before the state was settled: finish the promotion
-            publish(h, {"pipeline": {}}, record["version"])
+            publish(h, params, record["version"])
             settled.append({"version": record["version"], "status": "promoted",
                             "mlflow_run_id": record.get("mlflow_run_id")})
         elif record.get("status") not in FINAL:
@@ -494,20 +613,65 @@ def recover(home) -> list[dict]:
     return settled
 
 
-def rollback(home, version: str) -> dict:
-    """Point production back at a published ``version``; the applied ledger follows."""
+def _default_params() -> dict:
+    from editing import load_params
+    return load_params()
+
+
+def rollback(home, version: str, params: dict | None = None) -> dict:
+    """Point production (pointer and alias) back at a promoted ``version`` with the journaled
+    switch; the applied ledger follows. Call ``recover`` first: a different switch in flight
+    is refused (``PublishError``)."""
     h = as_home(home)
     version = pub.normalise_version(version)
     record = pub.read_record(h, version)
     if record.get("status") != "promoted":
         raise PipelineError(f"{version} was never promoted (status {record.get('status')}); "
                             "only a published version can be production")
-    current = pub.production_version(h)
-    before = live_facts(h, current)
-    previous = pub.rollback_pointer(h, version)
-    _sync_ledger(h, before, record["live_after"], version, record.get("mlflow_run_id"))
-    return {"version": version, "previous": previous, "model_version": record.get("model_version"),
-            "status": "rolled-back"}
+    pub.load_published(h, version)     # refuse a missing or corrupted set before switching
+    promotion = _begin(h, "rollback", version, record.get("model_version"))
+    _switch(h, params if params is not None else _default_params(), promotion)
+    return {"version": version, "previous": promotion.get("previous"),
+            "model_version": record.get("model_version"), "status": "rolled-back"}
+
+
+def production_status(home, params: dict | None = None) -> dict:
+    """Where production stands, for readers (takes no lock, changes nothing)::
+
+        {"pointer": "v3", "alias": "v3", "alias_model_version": "3",
+         "promotion": None, "agree": True}
+
+    ``pointer``: the version ``published/production`` names; ``alias``: the version whose
+    registry version the MLflow alias ``production`` names (None: no alias yet;
+    ``alias_error`` says why when MLflow could not be read); ``promotion``: the switch in
+    flight (``state/promotion.json``) or None. The two stores cannot switch atomically: they
+    disagree only while ``promotion`` names the switch, until the next run or rollback
+    finishes it; a disagreement without a record means someone moved one by hand. Without
+    the lock, a read that spans a whole switch may still mix old and new: read again."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks import tracking
+
+    h = as_home(home)
+    params = params if params is not None else _default_params()
+    before = pub.read_promotion(h)       # read around both stores: a switch begun or ended
+    out = {"pointer": pub.production_version(h), "alias": None, "alias_model_version": None}
+    try:
+        mv = tracking.client(h).get_model_version_by_alias(tracking.registered_model_name(params),
+                                                           tracking.PRODUCTION_ALIAS)
+    except MlflowException as exc:
+        # no registered model yet, or no alias on it (MLflow says INVALID_PARAMETER_VALUE)
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc):
+            out["alias_error"] = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:        # an unreachable tracking server should not hide the pointer
+        out["alias_error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        out["alias_model_version"] = str(mv.version)
+        out["alias"] = (mv.tags or {}).get("ledit.version") or next(
+            (r["version"] for r in pub.list_records(h) if r.get("model_version") == str(mv.version)), None)
+    out["promotion"] = before or pub.read_promotion(h)    # meanwhile still counts as in flight
+    out["agree"] = "alias_error" not in out and out["pointer"] == out["alias"]
+    return out
 
 
 def production_summary(home) -> dict:

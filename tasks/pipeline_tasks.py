@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import pipeline as steps
 from tasks import publish as pub
 from tasks import tracking
+from tasks.faults import checkpoint
 from tasks.gate import GATE_METRICS, Verdict, markdown as gate_markdown
 from tasks.prefect_tasks import ingest_task as ingest_facts, submit_task as submit_facts  # noqa: F401
 
@@ -51,21 +52,25 @@ def load_batch(home: str, tag: str, dvc_md5: str) -> list[dict]:
     return steps.batch_edits(home, tag, dvc_md5)
 
 
-@task(name="load-production-set", **QUIET)
-def load_production_set(home: str, params: dict) -> dict:
-    """Settle candidates a killed run left open, then load production (checksum verified:
-    a corrupted published set stops the run here, before anything changes)."""
-    settled = steps.recover(home)
+def _recover(home: str, params: dict) -> list[dict]:
+    """``steps.recover`` (finishes a switch in flight, pointer and alias both), then closes
+    the MLflow runs of what it settled. Caller holds the pipeline lock."""
+    settled = steps.recover(home, params)
     for s in settled:
-        model_version = pub.read_record(steps.as_home(home), s["version"]).get("model_version")
-        if s["status"] == "promoted" and model_version:
-            tracking.set_production_alias(steps.as_home(home), params, model_version)
         if s.get("mlflow_run_id"):
             try:
                 tracking.end_run(steps.as_home(home), s["mlflow_run_id"],
                                  "FINISHED" if s["status"] == "promoted" else "KILLED")
             except Exception as exc:   # the run may be gone; the record is what counts
                 log.warning("could not close MLflow run %s of %s: %s", s["mlflow_run_id"], s["version"], exc)
+    return settled
+
+
+@task(name="load-production-set", **QUIET)
+def load_production_set(home: str, params: dict) -> dict:
+    """Settle what a killed run left open, then load production (checksum verified:
+    a corrupted published set stops the run here, before anything changes)."""
+    settled = _recover(home, params)
     version, adapter_set = pub.load_production(steps.as_home(home))
     return {"version": version, "live_edits": len(adapter_set.fact_ids) if adapter_set else 0,
             "recovered": settled}
@@ -129,6 +134,7 @@ def log_evaluation(home: str, version: str, run_id: str, candidate: dict, evalua
     tracking.log_evaluation(h, run_id, evaluation, version)
     tracking.log_adapter_set(h, run_id, candidate["dir"])
     tracking.log_history_plot(h, run_id, pub.list_records(h))
+    checkpoint("after_mlflow_log")
     return child
 
 
@@ -154,6 +160,7 @@ def register(home: str, params: dict, version: str, run_id: str, verdict: dict) 
         h, params, run_id, source=source, tags=tags, model_id=model_id,
         description=f"ledit adapter set {version}: {len(record['changes']['added'])} new edits")
     pub.update_record(h, version, model_version=model_version)
+    checkpoint("after_register")
     return model_version
 
 
@@ -207,10 +214,10 @@ def gate(home: str, params: dict, version: str, run_id: str, evaluation: dict) -
 
 @task(name="publish", retries=2, retry_delay_seconds=3, **QUIET)
 def publish(home: str, params: dict, version: str, model_version: str) -> dict:
-    """published/<version>, the production pointer, the registry alias, the applied ledger."""
-    out = steps.publish(home, params, version)
-    tracking.set_production_alias(steps.as_home(home), params, model_version)
-    return out
+    """published/<version>, then the journaled switch of the production pointer and the
+    registry alias, the applied ledger. The alias goes to the candidate record's
+    ``model_version`` (``register`` wrote it there; the argument orders the tasks)."""
+    return steps.publish(home, params, version)
 
 
 @task(name="reject", retries=1, **QUIET)
@@ -227,9 +234,9 @@ def reject(home: str, params: dict, version: str, model_version: str, verdict: d
 def rollback_task(home: str, params: dict, version: str) -> dict:
     h = steps.as_home(home)
     with steps.pipeline_lock(h, float(steps.pipeline_params(params).get("lock_timeout_s", -1))):
-        out = steps.rollback(h, version)
+        _recover(home, params)            # a switch left in flight is finished first
+        out = steps.rollback(h, version, params)     # pointer and alias, journaled
         if out.get("model_version"):
-            tracking.set_production_alias(h, params, out["model_version"])
             tracking.set_version_tags(h, params, out["model_version"],
                                       {"ledit.rolled_back_at": pub.now(),
                                        "ledit.rolled_back_from": out["previous"]})
@@ -259,6 +266,7 @@ def report(home: str, params: dict, plan: dict, outcome: dict | None = None,
         "reasons": verdict.get("reasons", []), "batches": [b["tag"] for b in plan.get("batches", [])],
         "changes": record.get("changes"), "skipped": plan.get("skipped", []),
         "pending": len(steps.read_state(h)["pending"]), "published_dir": (outcome or {}).get("published_dir"),
+        "production": steps.production_status(h, params),
         "timings": timings or {}, "home": str(h.root),
         "mlflow_tracking_uri": tracking.tracking_uri(h)}
     summary.update({k: metrics.get(k) for k in GATE_METRICS})

@@ -8,10 +8,12 @@ Layout under ``LEDIT_HOME``::
     state/candidates/<version>.json the candidate's record: batches, edits, changes, metrics,
                                     gate verdict, MLflow run and model version, status
     state/production-history.jsonl  every switch of the pointer (promotions and rollbacks)
+    state/promotion.json            the switch in flight (``begin_promotion``), absent when idle
 
 Versions are ``v1``, ``v2``... in the order candidates were trained (rejected ones included),
 allocated under the pipeline lock. Publishing is idempotent: redoing it after a crash finds
-the set already there and only makes sure the pointer names it.
+the set already there. Production is named twice, by the pointer here and by the MLflow
+alias ``production``; ``tasks.pipeline`` switches both under a promotion record.
 """
 from __future__ import annotations
 
@@ -189,8 +191,8 @@ def load_production(home: Home):
 
 # -- publishing -----------------------------------------------------------------------
 def publish_set(home: Home, version: str, source_dir: str | Path) -> Path:
-    """Copy a candidate to ``published/<version>`` (verifying its checksum on the way) and
-    switch production to it. Idempotent."""
+    """Copy a candidate to ``published/<version>`` (verifying its checksum on the way).
+    Idempotent. Production is not switched here: ``tasks.pipeline`` does that, journaled."""
     from editing.adapters import AdapterError, AdapterSet
 
     version = normalise_version(version)
@@ -201,15 +203,40 @@ def publish_set(home: Home, version: str, source_dir: str | Path) -> Path:
         already = None              # a damaged copy is rewritten from the candidate
     if already is None:
         AdapterSet.load(source_dir).save(dest)
-    switch_production(home, version, reason="promoted")
     return dest
 
 
-def rollback_pointer(home: Home, version: str) -> str | None:
-    """Move production back to a published ``version`` after checking it loads; returns the
-    version production named before."""
-    version = normalise_version(version)
-    load_published(home, version)       # refuse a missing or corrupted set before switching
-    previous = production_version(home)
-    switch_production(home, version, reason=f"rollback from {previous}")
-    return previous
+# -- the promotion record -------------------------------------------------------------
+def promotion_path(home: Home) -> Path:
+    return home.state / "promotion.json"
+
+
+def read_promotion(home: Home) -> dict | None:
+    """The switch in flight: ``kind`` (promote or rollback), ``version``, ``model_version``,
+    ``previous``, ``previous_model_version``, ``started_at``; None when there is none."""
+    try:
+        return json.loads(promotion_path(home).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def begin_promotion(home: Home, entry: dict) -> dict:
+    """Record a switch of production before any store is touched; returns the record in
+    flight. Redone for the same switch (a retry), the first record stands: its ``previous``
+    is what production was. A different switch in flight is refused: it must be settled
+    first (``tasks.pipeline.recover``). Caller holds the pipeline lock."""
+    current = read_promotion(home)
+    if current is not None:
+        if (current["kind"], current["version"]) == (entry["kind"], entry["version"]):
+            return current
+        raise PublishError(f"a {current['kind']} to {current['version']} is in flight "
+                           f"({promotion_path(home)}); the next run or rollback settles it first")
+    atomic_write_json(promotion_path(home), entry)
+    return entry
+
+
+def end_promotion(home: Home, entry: dict) -> None:
+    """Remove the record once both stores and the ledger name ``entry``'s version."""
+    current = read_promotion(home)
+    if current is not None and (current["kind"], current["version"]) == (entry["kind"], entry["version"]):
+        promotion_path(home).unlink(missing_ok=True)

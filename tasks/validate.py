@@ -6,7 +6,10 @@ more: ``observed_at`` must be an ISO 8601 timestamp, since "the latest wins" nee
 
 Python touches each record only to pull its fields out of the parsed JSON and to check the
 nested list fields; every string check (missing, type, empty or whitespace-only, over-long,
-no-op target) and the key normalisation run as polars expressions over a whole chunk.
+control or bidirectional characters, fact_id charset, no-op target, subject in the prompt)
+and the key normalisation run as polars expressions over a whole chunk. Reasons that name
+a detail of the value (which character, where; which subject) are worded in Python by
+``editing.facts`` for the flagged rows only, so both paths say the same thing.
 Non-ASCII strings are normalised by ``editing.facts.normalise`` itself, so keys are exact.
 """
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any, Iterable
 
 import polars as pl
 
-from editing.facts import FORMATS, MAX_STRING, OPS, detect_format, normalise
+from editing.facts import (CONTROL_CHARS, FACT_ID_PATTERN, FACT_ID_REASON, FORMATS, MAX_STRING,
+                           OPS, control_char_reason, detect_format, normalise, subject_reason)
 from tasks.sources import RawChunk
 
 REQUIRED = ("subject", "prompt", "target_new")
@@ -62,7 +66,8 @@ def _string_error(where: str, value) -> str | None:
         return where + "empty or whitespace-only string"
     if len(value) > MAX_STRING:
         return where + f"string longer than {MAX_STRING} characters"
-    return None
+    problem = control_char_reason(value)
+    return where + problem if problem else None
 
 
 def _list_array(offsets: list[int], values, mask: list[bool]) -> pl.Series:
@@ -86,6 +91,10 @@ def _rephrase_error(v) -> str | None:
     for x in v:
         if x.__class__ is not str or not x.strip():
             return _REPHRASE_BAD
+    for i, x in enumerate(v):
+        problem = control_char_reason(x)
+        if problem:
+            return f"rephrase_prompts[{i}]{SEP}{problem}"
     return None
 
 
@@ -138,8 +147,10 @@ def rephrase_column(values: list, *, fast: bool = True) -> tuple[pl.Series, list
     col = _fast_list(vals, _arrow_types()[0]) if fast else None
     if col is not None:
         errs: list[str | None] = [None] * len(vals)
+        el = pl.element()
         flagged = col.to_frame("r").select(
-            pl.col("r").list.eval(_blank(pl.element())).list.any().fill_null(False))["r"]
+            pl.col("r").list.eval(_blank(el) | el.str.contains(CONTROL_CHARS))
+            .list.any().fill_null(False))["r"]
         for i in flagged.arg_true().to_list():
             errs[i] = _rephrase_error(vals[i])
         return col, errs
@@ -166,10 +177,10 @@ def pairs_column(name: str, values: list, *, fast: bool = True
     if col is not None:
         errs: list[str | None] = [None] * len(vals)
         el = pl.element()
-        bad_item = (el.is_null() | _blank(el.struct.field("prompt"))
-                    | _blank(el.struct.field("answer"))
-                    | (el.struct.field("prompt").str.len_chars() > MAX_STRING)
-                    | (el.struct.field("answer").str.len_chars() > MAX_STRING))
+        bad_item = el.is_null()
+        for part in (el.struct.field("prompt"), el.struct.field("answer")):
+            bad_item = (bad_item | _blank(part) | (part.str.len_chars() > MAX_STRING)
+                        | part.str.contains(CONTROL_CHARS))
         flagged = col.to_frame("r").select(
             pl.col("r").list.eval(bad_item).list.any().fill_null(False))["r"]
         for i in flagged.arg_true().to_list():
@@ -268,7 +279,18 @@ def _string_checks(name: str, required: bool) -> list[pl.Expr]:
                   .then(pl.lit(f"{name}{SEP}empty or whitespace-only string")))
     checks.append(pl.when(col.str.len_chars() > MAX_STRING)
                   .then(pl.lit(f"{name}{SEP}string longer than {MAX_STRING} characters")))
+    checks.append(pl.concat_str([pl.lit(f"{name}{SEP}"), pl.col(name + "__c")]))
     return checks
+
+
+def _reasons_where(s: pl.Series, flags: pl.Series, reason) -> pl.Series:
+    """``reason(value)`` on the flagged rows (in Python, those rows only), null elsewhere."""
+    out = pl.repeat(None, len(s), dtype=pl.String, eager=True)
+    idx = flags.arg_true()
+    if len(idx):
+        out = out.scatter(idx, pl.Series([reason(v) for v in s.gather(idx).to_list()],
+                                         dtype=pl.String))
+    return out
 
 
 def parse_timestamps(s: pl.Expr) -> pl.Expr:
@@ -286,11 +308,21 @@ def parse_timestamps(s: pl.Expr) -> pl.Expr:
 
 def check_frame(df: pl.DataFrame) -> pl.DataFrame:
     """Add ``_field`` and ``_reason`` (null for a good record): the first problem found,
-    in ``fact_from_record``'s order. Also adds normalised targets and ``observed_ts``."""
+    in ``fact_from_record``'s order. Also adds normalised subject, prompt and targets (the
+    keys reuse them) and ``observed_ts``."""
     df = df.with_columns(
         normalise_series(df["target_new"]).alias("_tn_n"),
         normalise_series(df["target_old"]).alias("_to_n"),
+        normalise_series(df["subject"]).alias("_subj_n"),
+        normalise_series(df["prompt"]).alias("_prompt_n"),
     )
+    flags = df.select(
+        *[pl.col(n).str.contains(CONTROL_CHARS).fill_null(False) for n in STR_FIELDS],
+        _subj=~pl.col("_prompt_n").str.contains(pl.col("_subj_n"), literal=True).fill_null(True))
+    df = df.with_columns(
+        *[_reasons_where(df[n], flags[n], control_char_reason).alias(n + "__c")
+          for n in STR_FIELDS],
+        _reasons_where(df["subject"], flags["_subj"], subject_reason).alias("_subj_e"))
     upsert = pl.col("op") == "upsert"
     checks: list[pl.Expr] = [
         pl.when(pl.col("_perr").is_not_null()).then(pl.concat_str([pl.lit(SEP), pl.col("_perr")])),
@@ -303,11 +335,15 @@ def check_frame(df: pl.DataFrame) -> pl.DataFrame:
                   .then(pl.lit(f"fact_id{SEP}a retract needs fact_id, or subject and prompt")))
     for name in OPTIONAL_STR:
         checks += _string_checks(name, required=False)
+        if name == "fact_id":
+            checks.append(pl.when(~pl.col("fact_id").str.contains(f"^(?:{FACT_ID_PATTERN})$"))
+                          .then(pl.lit(f"fact_id{SEP}{FACT_ID_REASON}")))
     checks.append(pl.col("rephrase_prompts__e"))
     checks.append(pl.when(upsert & pl.col("target_old").is_not_null()
                           & (pl.col("_tn_n") == pl.col("_to_n")))
                   .then(pl.lit(f"target_new{SEP}target_new equals target_old: "
                                "the update changes nothing")))
+    checks.append(pl.concat_str([pl.lit(f"prompt{SEP}"), pl.col("_subj_e")]))
     checks += [pl.col("locality__e"), pl.col("portability__e")]
     checks.append(pl.when(pl.col("observed_at").is_not_null() & pl.col("observed_ts").is_null())
                   .then(pl.lit(f"observed_at{SEP}{TS_REASON}")))
@@ -338,8 +374,8 @@ def keys_for_good(df: pl.DataFrame) -> pl.DataFrame:
     """Normalised keys of good records: ``fact_id`` (given, else ``editing.facts.fact_key``
     computed the same way), ``record_hash`` (content apart from source and observed_at) and
     ``_edit_key`` (what an applied edit makes the model say)."""
-    subj_n = normalise_series(df["subject"].fill_null(""))
-    prompt_n = normalise_series(df["prompt"].fill_null(""))
+    subj_n = df["_subj_n"].fill_null("")          # from check_frame
+    prompt_n = df["_prompt_n"].fill_null("")
     rel_n = normalise_series(df["relation"])
     missing = df["fact_id"].is_null()
     fact_id = df["fact_id"]

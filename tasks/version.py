@@ -114,8 +114,37 @@ def dvc_md5(repo: Path, relpath: str) -> str:
     return meta["outs"][0]["md5"]
 
 
+class RemoteUnavailable(VersionError):
+    """``dvc push`` could not write to the remote; what it pushes stays in the local cache."""
+
+
 def dvc_push(repo: Path, relpath: str | None = None) -> None:
-    dvc(repo, "push", "-q", *([f"{relpath}.dvc"] if relpath else []))
+    # no -q: under it DVC prints only its "Having any troubles?" footer, not the error
+    proc = dvc(repo, "push", *([f"{relpath}.dvc"] if relpath else []), check=False)
+    if proc.returncode:
+        name, url = default_remote(repo)
+        errors = [line.removeprefix("ERROR:").strip().removeprefix("unexpected error - ")
+                  for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR:")]
+        raise RemoteUnavailable(
+            f"dvc push to the DVC remote '{name}' ({url}) failed: "
+            f"{'; '.join(errors) or f'exit {proc.returncode}'}. The data stays in the workspace "
+            f"{repo} and its DVC cache; the next ingest retries the push")
+
+
+def default_remote(repo: Path) -> tuple[str, str]:
+    """The default DVC remote's name and URL (``.dvc/config.local`` over ``.dvc/config``)."""
+    import configparser
+
+    cfg = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        cfg.read([Path(repo) / ".dvc" / "config", Path(repo) / ".dvc" / "config.local"])
+    except configparser.Error:
+        return "?", "unknown URL"
+    name = cfg.get("core", "remote", fallback="?")
+    for section in (f"'remote \"{name}\"'", f'remote "{name}"'):   # as ledit and as DVC quote it
+        if cfg.has_option(section, "url"):
+            return name, cfg.get(section, "url")
+    return name, "unknown URL"
 
 
 def tag_exists(repo: Path, tag: str) -> bool:

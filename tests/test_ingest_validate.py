@@ -102,7 +102,7 @@ def test_a_file_of_unknown_format_is_one_quarantined_record(tmp_path):
 
 def test_broken_json_array_keeps_the_records_before_the_break(tmp_path):
     path = tmp_path / "arr.json"
-    path.write_text("[\n" + json.dumps(GOOD) + ",\n" + json.dumps({**GOOD, "subject": "B"})
+    path.write_text("[\n" + json.dumps(GOOD) + ",\n" + json.dumps({**GOOD, "subject": "Darrieux"})
                     + ",\n {\"subject\": oops}\n]", encoding="utf-8")
     n, ok, bad = run_file(path)
     assert ok.height == 2 and bad.height == 1 and n == 3
@@ -138,7 +138,7 @@ def test_knowedit_csv_and_parquet(tmp_path):
                 'A,The capital of A is,X,Y,"[""A\'s capital is""]",'
                 '"[{""prompt"": ""p"", ""answer"": ""a""}]"\n'
                 "B,The capital of B is,,Y,,\n"
-                '"C, the city","Where is\nC?",Z,,A plain rephrasing,\n')
+                '"C, the city","Where is\nC, the city?",Z,,A plain rephrasing,\n')
     (tmp_path / "f.csv").write_text(csv_text, encoding="utf-8")
     n, ok, bad = run_file(tmp_path / "f.csv")
     assert (n, ok.height, bad.height) == (3, 2, 1)
@@ -207,7 +207,7 @@ def test_vectorised_validation_agrees_with_fact_from_record():
     for _ in range(3000):
         r = {f: rng.choice(vals) for f in fields if rng.random() < 0.4}
         if rng.random() < 0.6:
-            r.update(subject="S", prompt="P", target_new="T")
+            r.update(subject="S", prompt="P of S", target_new="T")
         recs.append(r)
     ok, bad = validate.validate_records(recs)
     got_ok = dict(zip(ok["source_record"].to_list(), ok["fact_id"].to_list()))

@@ -385,6 +385,33 @@ def test_cli_demo_run_json_lineage_pending_and_rollback(harness, tiny_dir, tmp_p
 
 
 # -- plain parts, no flow ----------------------------------------------------------------------------
+def test_a_batch_record_todays_rules_refuse_is_skipped_not_fatal(tiny_dir, home, tmp_path, monkeypatch):
+    """A batch ingested under older rules may hold a record the current rules refuse: that
+    record is skipped with its reason, and the rest of the batch is planned."""
+    import editing.facts as facts_module
+    from tasks.ingest import ingest
+    from tasks.pipeline import batch_edits, plan, unprocessed_batches
+
+    feed(home, tmp_path, "day1.jsonl", [fact(1), fact(2)])
+    ingest(home)
+    (batch,) = unprocessed_batches(home)
+    refused_id = fact_ids([fact(2)])[0]
+    real = facts_module.fact_from_record
+
+    def stricter(rec, **kw):              # a rule added after the batch was accepted
+        if rec.get("subject") == "Person 2":
+            raise facts_module.FactError("a newer rule", field="subject", **kw)
+        return real(rec, **kw)
+
+    monkeypatch.setattr(facts_module, "fact_from_record", stricter)
+    items = batch_edits(home, batch["tag"], batch["dvc_md5"])
+    assert [bool(i.get("refused")) for i in items].count(True) == 1
+    p = plan(home, make_params(tiny_dir, "refused"), [batch], [items])
+    assert p["status"] == "planned" and p["upserts"] == 1
+    (skip,) = p["skipped"]
+    assert skip["fact_id"] == refused_id and "a newer rule" in skip["reason"] and "field 'subject'" in skip["reason"]
+
+
 def test_gate_thresholds_and_reasons():
     from tasks.gate import GateConfigError, gate
 
