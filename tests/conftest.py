@@ -62,3 +62,13 @@ def prefect_api(tmp_path_factory):
                              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
         with prefect_test_harness(server_startup_timeout=180):
             yield base
+
+
+@pytest.fixture(scope="module")
+def mlflow_in_home(prefect_api):
+    """The Prefect test API, and MLflow in each home (``sqlite:///HOME/mlflow.db``), as
+    ``ledit`` has it by default."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield prefect_api
+    mp.undo()

@@ -26,15 +26,6 @@ fact, feed, fact_ids = tp.fact, tp.feed, tp.fact_ids
 
 
 # -- fixtures and helpers -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def home_mlflow(prefect_api):
-    """The Prefect test API; MLflow in each home, as ``ledit`` has it by default."""
-    mp = pytest.MonkeyPatch()
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield prefect_api
-    mp.undo()
-
-
 @pytest.fixture(autouse=True)
 def no_retry_delays(monkeypatch):
     """The tasks these faults fail still retry, without their seconds of sleep."""
@@ -51,7 +42,7 @@ def params(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def v1_home(home_mlflow, params, tmp_path_factory) -> Path:
+def v1_home(mlflow_in_home, params, tmp_path_factory) -> Path:
     from flows.nightly import nightly_refresh
     from tasks.workspace import init_workspace
 

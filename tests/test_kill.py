@@ -31,21 +31,12 @@ fact, feed, fact_ids = tp.fact, tp.feed, tp.fact_ids
 
 # -- fixtures and helpers -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def own_mlflow(prefect_api):
-    """The Prefect test API, and MLflow in each home (``sqlite:///HOME/mlflow.db``)."""
-    mp = pytest.MonkeyPatch()
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield prefect_api
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def params(tiny_dir):
     return tp.make_params(tiny_dir, "kill")
 
 
 @pytest.fixture(scope="module")
-def v1_template(own_mlflow, params, tmp_path_factory) -> Path:
+def v1_template(mlflow_in_home, params, tmp_path_factory) -> Path:
     """A home where fact(1) is promoted as v1 and fact(2) is accepted, in a batch no run has
     processed yet (ingested here once, rather than by every killed run)."""
     from flows.nightly import nightly_refresh
