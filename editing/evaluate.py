@@ -7,15 +7,26 @@ from . import metrics
 from .facts import Fact
 
 METRICS = ("reliability", "generality", "locality", "portability", "exact_match", "fluency")
+# The strict (user-facing) metrics, measured when ``strict_tokens`` > 0 (metrics.py defines them).
+STRICT_METRICS = ("gen_success", "gen_success_rephrase", "chat_success", "chat_success_rephrase",
+                  "gen_locality", "repeats", "repeats_base")
 
 
 def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_tokens: int = 0,
-                   base_locality=None) -> dict:
+                   base_locality=None, strict_tokens: int = 0) -> dict:
     """Score ``facts`` on ``model`` with the adapter set ``attach`` (a callable
     ``attach(model) -> handle``, or None for the unedited model).
 
     Locality compares against the bare model, so the base's argmax on the
     locality prompts is computed first (or passed in as ``base_locality``).
+
+    ``strict_tokens`` > 0 adds the strict metrics (``STRICT_METRICS``), judged on greedy
+    continuations of that many new tokens; the base's continuations (for generation
+    locality and ``repeats_base``) are generated first too. Per fact: ``gen_success`` and
+    ``chat_success`` of the prompt, their ``_rephrase`` means over the rephrases,
+    ``gen_locality`` over the locality prompts, and ``repeats`` / ``repeats_base``, the
+    repetition share of the edited / unedited continuations of the prompt and rephrases.
+    Without a chat template the chat metrics are None.
     Returns ``{"per_fact": [...], "means": {...}}``.
     """
     rel_pairs = [(f.prompt, f.target_new) for f in facts]
@@ -24,6 +35,12 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
     port_pairs = [(x["prompt"], x["answer"]) for f in facts for x in f.portability]
     if base_locality is None and loc_pairs:
         base_locality = metrics.answer_argmax(model, tokenizer, loc_pairs)
+    # Strict metrics: per fact its prompt, then its rephrases; the locality prompts after.
+    asked = [(p, f.target_new) for f in facts for p in (f.prompt, *f.rephrase_prompts)]
+    strict_prompts = [p for p, _ in asked] + [p for p, _ in loc_pairs]
+    chat = bool(strict_tokens) and metrics.has_chat_template(tokenizer)
+    base_texts = metrics.continuations(model, tokenizer, strict_prompts, strict_tokens) if strict_tokens else []
+    texts, gen_ok, chat_ok = [], [], None
     handle = attach(model) if attach else None
     try:
         rel = metrics.token_accuracy(model, tokenizer, rel_pairs)
@@ -32,6 +49,10 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
         port = metrics.token_accuracy(model, tokenizer, port_pairs) if port_pairs else []
         em = metrics.exact_match(model, tokenizer, rel_pairs)
         flu = metrics.fluency(model, tokenizer, [f.prompt for f in facts], fluency_tokens) if fluency_tokens else []
+        if strict_tokens:
+            texts = metrics.continuations(model, tokenizer, strict_prompts, strict_tokens)
+            gen_ok = metrics.generation_success(model, tokenizer, asked, strict_tokens, texts=texts[:len(asked)])
+            chat_ok = metrics.chat_success(model, tokenizer, asked, strict_tokens) if chat else None
     finally:
         if handle is not None:
             handle.remove()
@@ -47,8 +68,34 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
         if flu:
             row["fluency"] = flu[i]
         per_fact.append(row)
+    if strict_tokens:
+        _add_strict(per_fact, facts, asked=len(asked), texts=texts, base_texts=base_texts,
+                    gen_ok=gen_ok, chat_ok=chat_ok)
     means = {}
-    for name in METRICS:
+    for name in METRICS + (STRICT_METRICS if strict_tokens else ()):
         values = [r[name] for r in per_fact if r.get(name) is not None]
         means[name] = mean(values) if values else None
     return {"per_fact": per_fact, "means": means}
+
+
+def _add_strict(per_fact: list[dict], facts: list[Fact], *, asked: int, texts: list[str],
+                base_texts: list[str], gen_ok: list[float], chat_ok: list[float] | None) -> None:
+    """Add the strict metrics to each fact's row. ``texts`` and ``base_texts`` hold the
+    edited and unedited continuations: the first ``asked`` of each fact's prompt and
+    rephrases, in fact order, then of every locality prompt; ``gen_ok`` and ``chat_ok``
+    (None: no chat template) score the first ``asked``."""
+    def mean_or_none(values):
+        return mean(values) if values else None
+
+    loc = metrics.generation_locality(base_texts[asked:], texts[asked:])
+    ai = li = 0
+    for row, f in zip(per_fact, facts):
+        n, m = 1 + len(f.rephrase_prompts), len(f.locality)
+        row["gen_success"] = gen_ok[ai]
+        row["gen_success_rephrase"] = mean_or_none(gen_ok[ai + 1:ai + n])
+        row["chat_success"] = chat_ok[ai] if chat_ok is not None else None
+        row["chat_success_rephrase"] = mean_or_none(chat_ok[ai + 1:ai + n]) if chat_ok is not None else None
+        row["gen_locality"] = mean_or_none(loc[li:li + m])
+        row["repeats"] = metrics.repetition(texts[ai:ai + n])
+        row["repeats_base"] = metrics.repetition(base_texts[ai:ai + n])
+        ai, li = ai + n, li + m

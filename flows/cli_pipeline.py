@@ -57,15 +57,45 @@ def start_prefect_api(home: Path) -> None:
     Several triggers started at once would each start a server on the same new prefect.db
     and race on its migrations ("table ... already exists"); one at a time, the first
     migrates and the rest find the schema current. The server then lives until the process
-    exits, so the flow reuses it."""
+    exits, so the flow reuses it; if the process is killed outright (SIGKILL, the OOM
+    killer), the kernel stops the server too instead of leaving it orphaned."""
     if os.environ.get("PREFECT_API_URL"):
         return
     from filelock import FileLock
     from prefect.client.orchestration import get_client
 
-    with FileLock(str(home / ".prefect-start.lock")):
+    with FileLock(str(home / ".prefect-start.lock")), _children_die_with_us():
         with get_client(sync_client=True) as client:
             client.api_healthcheck()
+
+
+class _children_die_with_us:
+    """While inside, processes started with ``subprocess.Popen`` get SIGTERM when this
+    process dies (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing changes). Prefect starts
+    its ephemeral server with a plain Popen and stops it only from ``atexit``."""
+
+    def __enter__(self):
+        if not sys.platform.startswith("linux"):
+            return self
+        self._popen = subprocess.Popen
+        real = self._popen
+
+        def popen(*args, **kwargs):
+            kwargs.setdefault("preexec_fn", _die_with_parent)
+            return real(*args, **kwargs)
+
+        subprocess.Popen = popen
+        return self
+
+    def __exit__(self, *exc):
+        if hasattr(self, "_popen"):
+            subprocess.Popen = self._popen
+
+
+def _die_with_parent() -> None:   # in the child, between fork and exec
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG
 
 
 def _fail(message: str, as_json: bool = False, code: int = 1):

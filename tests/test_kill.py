@@ -208,3 +208,49 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
         st = production_status(h, params)
         assert (st["pointer"], st["alias"], st["promotion"]) == ("v1", "v1", None)
         assert applied_ids(h) == fact_ids([fact(1)]) and applied_ids(h, "retract") == fact_ids([fact(2)])
+
+
+_START_THEN_DIE = """
+import os, signal, sys
+from pathlib import Path
+from flows.cli_pipeline import prepare_env, start_prefect_api
+home = Path(sys.argv[1])
+prepare_env(home)
+start_prefect_api(home)
+from prefect.server.api.server import SubprocessASGIServer
+(server,) = [s for s in SubprocessASGIServer._instances.values() if s.server_process]
+print(server.server_process.pid, server.port, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_run_leaves_no_ephemeral_prefect_server_behind(tmp_path):
+    """`ledit run` starts Prefect's ephemeral server as a child; killed outright, the run
+    must not leave it orphaned, holding a port and prefect.db (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", _START_THEN_DIE, str(tmp_path / "home")], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          timeout=120)    # an orphan holding the pipe would hang here
+    assert proc.returncode == -signal.SIGKILL
+    pid, port = (int(x) for x in proc.stdout.split())
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+        return "\nState:\tZ" in state          # exited; only its parent's reaping is left
+
+    deadline = time.monotonic() + 30
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gone(), f"the ephemeral Prefect server {pid} outlived the killed run"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
