@@ -253,7 +253,7 @@ class Site:
             out = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             out = {}
-        err = out.get("error") or _last_error(proc.stderr)
+        err = (out.get("error") or _last_error(proc.stderr)).replace(str(self.tmp.parent), "$TMP")
         return {"rc": proc.returncode, "out": out, "error": err if proc.returncode else ""}
 
     def state(self) -> dict:
@@ -320,6 +320,7 @@ RUN_POINTS = ("during_training", "after_training", "during_evaluation", "after_e
 
 
 def run_kills(tmp: Path) -> list[dict]:
+    from tasks.ingest import read_journal
     from tasks.sources import submit
 
     rows = []
@@ -329,8 +330,10 @@ def run_kills(tmp: Path) -> list[dict]:
     for point in INGEST_POINTS:
         submit([site.facts_file(2)], site.home)
         killed = site.cli("ingest", fault=f"{point}:kill")
+        journal = read_journal(site.home)
         after = site.cli("ingest")
-        row = {"stage": "ingest", "point": point, "killed_rc": killed["rc"], **_after(site, after)}
+        row = {"stage": "ingest", "point": point, "killed_rc": killed["rc"], **_after(site, after),
+               "seen_after_kill": f"journal at '{journal['phase']}'" if journal else "no journal"}
         row["next"] = (f"ingest ok, {after['out'].get('accepted')} accepted"
                        if after["rc"] == 0 else f"FAILED: {after['error']}")
         rows.append(row)
@@ -357,8 +360,11 @@ def kills_table(rows: list[dict]) -> str:
            "pointer / alias | every accepted fact live, once | journal clear |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        inv = "yes" if (r["all_live"] and r["live_once"] and r["accepted_kept"]) else \
-            f"**no** (live {r['live']} of {r['fed']})"
+        if r["stage"] == "ingest":      # nothing trained yet: accepted means in the facts ledger
+            inv = "accepted: yes" if r["accepted_kept"] else "**accepted: no**"
+        else:
+            inv = "yes" if (r["all_live"] and r["live_once"] and r["accepted_kept"]) else \
+                f"**no** (live {r['live']} of {r['fed']})"
         out.append(f"| {r['stage']} | {r['point']} | {r['killed_rc']} | {r.get('seen_after_kill', '')} | "
                    f"{r['next']} | {r['pointer']} / {r['alias']}{'' if r['agree'] else ' **differ**'} | "
                    f"{inv} | {'yes' if r['journal_clear'] else '**no**'} |")
@@ -427,9 +433,9 @@ def infra_table(rows: list[dict]) -> str:
     out = ["| fault | the failed run | production unchanged | its facts, waiting | next run, fault gone | "
            "pointer / alias | every accepted fact live, once |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        why = str(r["failed_run"]).replace("|", "\\|")
-        if len(why) > 220:
-            why = why[:217] + "..."
+        why = str(r["failed_run"]).replace("|", "\\|").replace("\n", " / ")
+        if len(why) > 400:
+            why = why[:397] + "..."
         out.append(f"| {r['fault']} | {why} | {_yes(r.get('production_unchanged', True))} | "
                    f"{r.get('waiting', '-')} | {r['next']} | "
                    f"{r['pointer']} / {r['alias']} | {_yes(r['all_live'] and r['live_once'])} |")
