@@ -159,7 +159,8 @@ def run_inputs(tmp: Path) -> list[dict]:
             reasons = []
             for q in r.quarantine:
                 q = pl.read_ndjson(q)
-                reasons += (q["field"].fill_null("file") + ": " + q["reason"]).unique(maintain_order=True).to_list()
+                shown = pl.when(q["field"].is_null()).then(q["reason"]).otherwise(q["field"] + ": " + q["reason"])
+                reasons += q.select(shown.alias("r"))["r"].unique(maintain_order=True).to_list()
             row["reason"] = "; ".join(reasons) or (r.files_skipped[0]["reason"] if r.files_skipped else "")
             row["error"] = ""
         except Exception as exc:   # the finding this bench exists for: record it, go on

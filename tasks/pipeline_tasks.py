@@ -56,10 +56,19 @@ def _recover(home: str, params: dict) -> list[dict]:
     """``steps.recover`` (finishes a switch in flight, pointer and alias both), then closes
     the MLflow runs of what it settled. Caller holds the pipeline lock."""
     settled = steps.recover(home, params)
+    h = steps.as_home(home)
     for s in settled:
+        model_version = pub.read_record(h, s["version"]).get("model_version")
+        if s["status"] == "abandoned" and model_version:
+            # registered before the kill with its gate verdict: say it never reached production
+            try:
+                tracking.set_version_tags(h, params, model_version, {
+                    "gate": "abandoned", "gate.reasons": "the run stopped before a verdict took effect"})
+            except Exception as exc:
+                log.warning("could not tag registry version %s of %s: %s", model_version, s["version"], exc)
         if s.get("mlflow_run_id"):
             try:
-                tracking.end_run(steps.as_home(home), s["mlflow_run_id"],
+                tracking.end_run(h, s["mlflow_run_id"],
                                  "FINISHED" if s["status"] == "promoted" else "KILLED")
             except Exception as exc:   # the run may be gone; the record is what counts
                 log.warning("could not close MLflow run %s of %s: %s", s["mlflow_run_id"], s["version"], exc)

@@ -195,6 +195,9 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
     assert v2["status"] == ("promoted" if want == "v2" else "abandoned")
     run = tracking.client(h).get_run(v2["mlflow_run_id"])
     assert run.info.status == ("FINISHED" if want == "v2" else "KILLED")
+    if point == "after_register":    # registered as passed, then killed: the registry says so
+        mv = tracking.client(h).get_model_version(tracking.registered_model_name(params), v2["model_version"])
+        assert mv.tags["gate"] == "abandoned"
     assert v1_weights.read_bytes() == v1_bytes
 
     if point == "after_pointer":     # a rollback uses the same journaled switch
