@@ -335,6 +335,7 @@ def demo_cmd(home, facts_path):
     submit([facts_path or str(SAMPLE)], h)
     click.echo(f"submitted {facts_path or SAMPLE.relative_to(ROOT)}; running the nightly flow "
                f"(model {params['model']['name']}, edit method {params['edit']['method']})...")
+    start_prefect_api(h)
     summary = nightly_refresh(home=str(h), params=params)
     click.echo("")
     _print_summary(summary)
