@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import resource
@@ -413,9 +414,9 @@ STEPS = {"claimed": _stage, "staged": _write_batch, "written": _dvc_add, "added"
 
 
 def _run(home: Home, j: dict, fault: str | None, limits: ReadLimits | None = None) -> dict:
+    steps = {**STEPS, "claimed": functools.partial(_stage, limits=limits)}   # only staging reads files
     while j["phase"] != "done":
-        step = STEPS[j["phase"]]
-        j = step(home, j, fault, limits) if step is _stage else step(home, j, fault)
+        j = steps[j["phase"]](home, j, fault)
         if j["phase"] != "done":
             _save(home, j)
     return j
