@@ -18,6 +18,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from statistics import mean
 
@@ -28,11 +29,22 @@ sys.path.insert(0, str(ROOT))
 
 from editing import AdapterSet, edit, load_model, load_params  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.facts import FactError, read_records, records_to_facts  # noqa: E402
+from editing.evaluate import kind_keys  # noqa: E402
+from editing.facts import (CONTROL_KIND, KNOWEDIT_LOCALITY, KNOWEDIT_PORTABILITY,  # noqa: E402
+                           FactError, PairSkipped, read_records, records_to_facts)
 
-FILES = {"counterfact": "counterfact-val.json", "zsre": "zsre-dev.json"}
-SAMPLES = {"counterfact": "counterfact-sample.json", "zsre": "zsre-sample.json"}
+FILES = {"counterfact": "counterfact-val.json", "zsre": "zsre-dev.json",
+         "knowedit-counterfact": "knowedit-wiki-counterfact-dev.json",
+         "knowedit-recent": "knowedit-wiki-recent-dev.json",
+         "knowedit-zsre": "knowedit-zsre-dev.json"}
+SAMPLES = {"counterfact": "counterfact-sample.json", "zsre": "zsre-sample.json",
+           "knowedit-counterfact": "knowedit-wiki-counterfact-sample.json",
+           "knowedit-recent": "knowedit-wiki-recent-sample.json",
+           "knowedit-zsre": "knowedit-zsre-sample.json"}
 COLUMNS = ("reliability", "generality", "locality", "exact_match", "fluency")
+# Shown where a row has them: KnowEdit's portability and its per-kind scores (editing.evaluate).
+EXTRA = ("portability",)
+KNOWEDIT_KINDS = KNOWEDIT_LOCALITY + KNOWEDIT_PORTABILITY
 
 
 def load_dataset(name: str, data_dir: Path) -> list:
@@ -44,7 +56,21 @@ def load_dataset(name: str, data_dir: Path) -> list:
     # characters in locality answers): skip them, and say how many of each kind.
     records = read_records(path)
     skipped: list[FactError] = []
-    facts = list(records_to_facts(records, file=str(path), skipped=skipped, skip_refused=True))
+    left_out: list[PairSkipped] = []
+    with warnings.catch_warnings():          # one summary below instead of a line per item
+        warnings.simplefilter("ignore", PairSkipped)
+        facts = list(records_to_facts(records, file=str(path), skipped=skipped, skip_refused=True,
+                                      skipped_pairs=left_out))
+    if left_out:
+        print(f"note: {len(left_out)} evaluation items left out of accepted records in {path.name}:")
+        by_reason: dict[str, list[PairSkipped]] = {}
+        for item in left_out:
+            reason = CONTROL_KIND if item.reason.startswith("contains U+") else item.reason
+            by_reason.setdefault(reason, []).append(item)
+        for reason, items in by_reason.items():
+            more = ", ..." if len(items) > 5 else ""
+            print(f"  {len(items)} x {reason}: "
+                  + ", ".join(f"record {x.record} {x.field}" for x in items[:5]) + more)
     if skipped:
         print(f"note: {len(skipped)} of {len(records)} records skipped in {path.name}:")
         by_kind: dict[str, list[FactError]] = {}
@@ -103,8 +129,7 @@ def main(argv=None):
             runs = [facts[i:i + 1] for i in range(args.singles)] if size == 1 else [facts[:size]]
             for method in args.methods:
                 results = [run_one(model, tokenizer, run, method, params, fluency_tokens) for run in runs]
-                means = {c: mean(r[0][c] for r in results) if results[0][0].get(c) is not None else None
-                         for c in COLUMNS}
+                means = row_means([r[0] for r in results])
                 row = {"dataset": dataset, "method": method, "batch": size, "edits": sum(map(len, runs)),
                        **means, "s_per_edit": mean(r[1] for r in results),
                        "bytes_per_edit": mean(r[2] for r in results),
@@ -115,6 +140,17 @@ def main(argv=None):
                     with open(args.rows, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
     write_table(read_rows(args.rows) if args.rows else rows, args, params)
+
+
+def row_means(results: list[dict]) -> dict:
+    """The columns of one table row over its runs (several for batch size 1): each the mean of
+    the runs that measured it, None where none did; extra columns only where some run has them."""
+    extra = [c for c in EXTRA + kind_keys(results) if any(r.get(c) is not None for r in results)]
+    out = {}
+    for c in COLUMNS + tuple(extra):
+        values = [r[c] for r in results if r.get(c) is not None]
+        out[c] = mean(values) if values else None
+    return out
 
 
 def newest_rows(path: Path, key: tuple[str, ...]) -> list[dict]:
@@ -179,6 +215,10 @@ def render(rows, args, params) -> str:
     commands = list(dict.fromkeys(r.get("command") or command_line() for r in rows))
     devices = list(dict.fromkeys(r.get("device") or device_name() for r in rows))
     e = params["edit"]
+    # KnowEdit's columns (portability, each KnowEdit kind) where a row has them; the other
+    # formats have one locality kind each, which is the locality column already
+    extra = [c for c in EXTRA + kind_keys(rows) if any(r.get(c) is not None for r in rows)
+             and (c in EXTRA or c.split(".", 1)[1] in KNOWEDIT_KINDS)]
     head = [f"# Edit quality ({time.strftime('%Y-%m-%d')})", "",
             "Commands: " + "; ".join(f"`{c}`" for c in commands) + "  ",
             f"Model: {params['model']['name']}; device: {', '.join(devices)}; records from offset {args.offset}.  ",
@@ -187,15 +227,17 @@ def render(rows, args, params) -> str:
             f"{e['lora']['rank']} on the MLP down-projection of the same layers.",
             f"Overrides: {' '.join(args.overrides) or 'none'}.", "",
             "| dataset | method | batch | reliability | generality | locality | exact match | fluency "
-            "| mean of rel/gen/loc | s per edit | adapter bytes per edit |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            + "".join(f"| {c} " for c in extra)
+            + "| mean of rel/gen/loc | s per edit | adapter bytes per edit |",
+            "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + "---:|---:|---:|"]
     for r in rows:
         def f(v, fmt="{:.3f}"):
             return "-" if v is None else fmt.format(v)
         trio = [r[c] for c in ("reliability", "generality", "locality") if r[c] is not None]
         head.append(f"| {r['dataset']} | {r['method']} | {r['batch']} | {f(r['reliability'])} | "
                     f"{f(r['generality'])} | {f(r['locality'])} | {f(r['exact_match'])} | {f(r['fluency'])} | "
-                    f"{f(mean(trio))} | {f(r['s_per_edit'], '{:.2f}')} | {f(r['bytes_per_edit'], '{:,.0f}')} |")
+                    + "".join(f"{f(r.get(c))} | " for c in extra)
+                    + f"{f(mean(trio))} | {f(r['s_per_edit'], '{:.2f}')} | {f(r['bytes_per_edit'], '{:,.0f}')} |")
     head += [""] + [f"- {n}" for n in args.note]
     return "\n".join(head) + "\n"
 

@@ -27,7 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-COMPUTE = {"train": "training", "evaluate": "evaluation"}
+COMPUTE = {"probe": "probing the base before training (the gate's)", "train": "training",
+           "evaluate": "evaluation"}
+CHECKS = {"relation_specificity": "same-subject probes measured on the candidate",
+          "standing_locality": "standing suite, plain and chat, generated on the candidate",
+          "generation": "chat success and repetition of the new edits"}
 WHAT = {"wait_lock": "pipeline lock", "ingest_plan": "ingest: validate, dedupe, DVC version; plan",
         "tracking": "MLflow: params, metrics, artifacts, registry version, gate",
         "publish": "publish directory, registry alias, ledger"}
@@ -89,10 +93,44 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
     t0 = time.perf_counter()
     result = nightly_refresh(home=str(home.root), params=params)
     wall = time.perf_counter() - t0
+    from tasks.gate import GATE_METRICS
+    from tasks.publish import read_record
+
+    record = read_record(home, result["version"]) if result.get("version") else {}
+    metrics = record.get("metrics") or {}
     return {"facts": len(records), "source": source.name, "wall": wall, "startup": startup,
             "timings": result.get("timings") or {}, "status": result.get("status"),
             "version": result.get("version"), "home": str(work), "params": params,
-            "gate": {k: result.get(k) for k in ("reliability", "generality", "retention", "locality", "drift")}}
+            "gate": {k: metrics.get(k) for k in GATE_METRICS},
+            "reasons": (record.get("verdict") or {}).get("reasons") or [],
+            "checks": {**(record.get("probe_seconds") or {}),
+                       **{k.removeprefix("eval_seconds_"): v for k, v in metrics.items()
+                          if k.startswith("eval_seconds_")},
+                       "evaluate": metrics.get("eval_seconds"), "train": (record.get("training") or {}).get("seconds")}}
+
+
+def checks_table(r: dict) -> str:
+    """The gate's evaluation time by check, against training (issue 16: at most half)."""
+    c = r["checks"]
+    if not c.get("train"):
+        return ""
+    own = (c.get("evaluate") or 0.0) - sum(c.get(k) or 0.0 for k in CHECKS)
+    rows = [("standing_record", "standing suite: base answers recorded (once per base model)"),
+            ("subject_record", "subject probes: base answers recorded before training"),
+            *CHECKS.items()]
+    lines = ["| check | what | seconds | / training |", "|---|---|---:|---:|",
+             f"| facts' own metrics | reliability, generality, retention, locality, drift | {own:.1f} | "
+             f"{own / c['train']:.2f} |"]
+    lines += [f"| {k} | {what} | {c.get(k) or 0.0:.1f} | {(c.get(k) or 0.0) / c['train']:.2f} |" for k, what in rows]
+    nightly = own + sum(c.get(k) or 0.0 for k in ("subject_record", *CHECKS))
+    lines.append(f"| **the gate's evaluation, a night** | all but the once-per-model record | **{nightly:.1f}** | "
+                 f"**{nightly / c['train']:.2f}** |")
+    lines.append(f"| training | | {c['train']:.1f} | 1.00 |")
+    verdict = "meets" if nightly <= 0.5 * c["train"] else "misses"
+    return ("\n\n## The gate's evaluation by check\n\n" + "\n".join(lines)
+            + f"\n\nThe gate's evaluation takes {nightly / c['train']:.2f} of training: {verdict} the "
+              "target of at most half. Its knobs are params.yaml gate.probes (standing_size, "
+              "subject_probes, strict_facts, the token counts).")
 
 
 def table(r: dict) -> str:
@@ -136,8 +174,9 @@ def main(argv=None) -> int:
             f"{device}, {platform.system()} {platform.machine()}, torch {torch.__version__}.\n"
             f"Run status: {r['status']} ({r['version']}); gate figures: "
             + ", ".join(f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in r["gate"].items())
+            + (f"; reasons: {'; '.join(r['reasons'])}" if r.get("reasons") else "")
             + f".\n\nCommand: `.venv/bin/python bench/pipeline.py --facts {args.facts}`\n\n")
-    text = head + table(r) + "\n"
+    text = head + table(r) + checks_table(r) + "\n"
     print(text)
     if not r["timings"]:
         print("warning: the flow returned no timings; the table holds only the wall time")

@@ -118,6 +118,7 @@ def input_classes() -> list[tuple[str, str, bytes]]:
 
 def bench_params(tmp: Path, tiny: str | None = None) -> Path:
     from editing.params import load_params, merge
+    from tasks.gate import open_thresholds
 
     over: dict = {"ingest": LIMITS}
     if tiny:
@@ -126,8 +127,9 @@ def bench_params(tmp: Path, tiny: str | None = None) -> Path:
             "edit": {"layers": [2], "steps": 5, "batch_size": 16, "early_stop": {"check_every": 5},
                      "baft": {"gate_layer": 1, "prefixes": 1, "prefix_tokens": 3, "subject_swaps": 1}},
             "eval": {"fluency_tokens": 0},
-            "gate": {"min_reliability": 0.0, "min_generality": 0.0, "min_retention": 0.0,
-                     "min_locality": 0.0, "max_drift": 1e9, "fact_min_reliability": 0.0},
+            "gate": {**open_thresholds(), "probes": {"standing_size": 3, "standing_tokens": 4,
+                                                     "subject_probes": 2, "subject_tokens": 4,
+                                                     "strict_facts": 4, "strict_tokens": 4}},
             "pipeline": {"log_pyfunc": False, "lock_timeout_s": 1800}})
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(merge(load_params(ROOT / "params.yaml"), over)), encoding="utf-8")

@@ -1,10 +1,18 @@
-"""Evaluate an edited model on facts: every metric, per fact and as means."""
+"""Evaluate an edited model on facts: every metric, per fact and as means.
+
+Locality and portability are scored per kind as well (KnowEdit's groups, e.g.
+``locality.Relation_Specificity``, ``portability.Subject_Aliasing``; pairs of other formats
+have their format's kind, ``editing.facts``), and, as EasyEdit summarises KnowEdit, a fact's
+``locality`` / ``portability`` is the mean of its kinds' scores, each kind's score the mean
+over its pairs. With one kind per fact, as in CounterFact, zsRE and most own records, that
+is the plain mean over the fact's pairs.
+"""
 from __future__ import annotations
 
 from statistics import mean
 
 from . import metrics
-from .facts import Fact
+from .facts import DEFAULT_KIND, KNOWEDIT_LOCALITY, KNOWEDIT_PORTABILITY, Fact
 
 METRICS = ("reliability", "generality", "locality", "portability", "exact_match", "fluency")
 # The strict (user-facing) metrics, measured when ``strict_tokens`` > 0 (metrics.py defines them).
@@ -27,12 +35,17 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
     ``gen_locality`` over the locality prompts, and ``repeats`` / ``repeats_base``, the
     repetition share of the edited / unedited continuations of the prompt and rephrases.
     Without a chat template the chat metrics are None.
+
+    Locality and portability are also given per kind, ``locality.<kind>`` and
+    ``portability.<kind>`` (module docstring), in each fact's row where it has pairs of that
+    kind and in the means (``kind_keys`` orders them). Teacher forcing scores each pair's
+    ``answer`` (``teacher_answer``: the first non-empty alias).
     Returns ``{"per_fact": [...], "means": {...}}``.
     """
     rel_pairs = [(f.prompt, f.target_new) for f in facts]
     gen_pairs = [(p, f.target_new) for f in facts for p in f.rephrase_prompts]
-    loc_pairs = [(x["prompt"], x["answer"]) for f in facts for x in f.locality]
-    port_pairs = [(x["prompt"], x["answer"]) for f in facts for x in f.portability]
+    loc_pairs = [(x["prompt"], teacher_answer(x)) for f in facts for x in f.locality]
+    port_pairs = [(x["prompt"], teacher_answer(x)) for f in facts for x in f.portability]
     if base_locality is None and loc_pairs:
         base_locality = metrics.answer_argmax(model, tokenizer, loc_pairs)
     # Strict metrics: per fact its prompt, then its rephrases; the locality prompts after.
@@ -60,11 +73,11 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
     per_fact, gi, li, pi = [], 0, 0, 0
     for i, f in enumerate(facts):
         row = {"fact_id": f.fact_id, "reliability": rel[i], "exact_match": em[i]}
-        for name, values, n, cursor in (("generality", gen, len(f.rephrase_prompts), gi),
-                                        ("locality", loc, len(f.locality), li),
-                                        ("portability", port, len(f.portability), pi)):
-            row[name] = mean(values[cursor:cursor + n]) if n else None
-        gi, li, pi = gi + len(f.rephrase_prompts), li + len(f.locality), pi + len(f.portability)
+        n = len(f.rephrase_prompts)
+        row["generality"] = mean(gen[gi:gi + n]) if n else None
+        _add_kinds(row, "locality", f.locality, loc[li:li + len(f.locality)])
+        _add_kinds(row, "portability", f.portability, port[pi:pi + len(f.portability)])
+        gi, li, pi = gi + n, li + len(f.locality), pi + len(f.portability)
         if flu:
             row["fluency"] = flu[i]
         per_fact.append(row)
@@ -72,10 +85,45 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
         _add_strict(per_fact, facts, asked=len(asked), texts=texts, base_texts=base_texts,
                     gen_ok=gen_ok, chat_ok=chat_ok)
     means = {}
-    for name in METRICS + (STRICT_METRICS if strict_tokens else ()):
+    for name in METRICS + (STRICT_METRICS if strict_tokens else ()) + kind_keys(per_fact):
         values = [r[name] for r in per_fact if r.get(name) is not None]
         means[name] = mean(values) if values else None
     return {"per_fact": per_fact, "means": means}
+
+
+def teacher_answer(pair: dict) -> str:
+    """The answer teacher forcing scores: the first non-empty alias (``metrics.aliases``).
+    Loaded facts already hold it in ``answer``; this also takes a list answer given directly."""
+    answer = pair["answer"]
+    if isinstance(answer, str):
+        return answer
+    found = metrics.aliases(answer)
+    return found[0] if found else ""
+
+
+def pair_kind(pair: dict) -> str:
+    return pair.get("kind") or DEFAULT_KIND      # pairs of facts built before kinds existed
+
+
+def _add_kinds(row: dict, name: str, pairs: list[dict], scores: list[float]) -> None:
+    """``row[name]``: the mean of the per-kind means (None without pairs), as EasyEdit's
+    KnowEdit summary; ``row[f"{name}.{kind}"]``: each kind's mean over its pairs."""
+    by_kind: dict[str, list[float]] = {}
+    for pair, score in zip(pairs, scores, strict=True):
+        by_kind.setdefault(pair_kind(pair), []).append(score)
+    kind_means = {k: mean(v) for k, v in by_kind.items()}
+    row[name] = mean(kind_means.values()) if kind_means else None
+    row.update({f"{name}.{k}": v for k, v in kind_means.items()})
+
+
+def kind_keys(per_fact: list[dict]) -> tuple[str, ...]:
+    """The per-kind keys present in ``per_fact``: KnowEdit's kinds in EasyEdit's order first,
+    then any others by name, locality before portability."""
+    present = {k for row in per_fact for k in row if k.startswith(("locality.", "portability."))}
+    order = ([f"locality.{k}" for k in KNOWEDIT_LOCALITY]
+             + [f"portability.{k}" for k in KNOWEDIT_PORTABILITY])
+    rest = sorted(present - set(order), key=lambda k: (not k.startswith("locality."), k))
+    return tuple(k for k in order if k in present) + tuple(rest)
 
 
 def _add_strict(per_fact: list[dict], facts: list[Fact], *, asked: int, texts: list[str],

@@ -8,18 +8,19 @@ Relation_Specificity of 0.12-0.14). Two measures that need nothing from the feed
 
 - same-subject probes (``subject_probes``): for each edited fact, cloze prompts about the
   same subject on other relations (``data/probes/relation-templates.yaml``), chosen by a
-  stable hash of the fact id. The base model's continuations are recorded before training
-  (``record_subject_probes``); relation specificity (``relation_specificity``) is the share
-  still the same text after the edit, with every changed answer named.
+  stable hash of the fact id. The base model's own answers (the first line of its greedy
+  continuation) are recorded before training (``record_subject_probes``); relation
+  specificity (``relation_specificity``) is KnowEdit's Relation_Specificity on them: the
+  share of teacher-forced argmax answer tokens unchanged, with every changed answer named.
 - a standing locality suite (``data/probes/standing-prompts.txt``): everyday questions and
   openings of the kinds users send, asked as plain text and through the chat template. The
   base model's answers are recorded once per base model, keyed by its ``fingerprint``
   (``record_standing_answers``, ``save_standing_answers``, ``load_standing_answers``), and
   ``standing_locality`` compares an edited model's with them every night.
 
-Both compare decoded greedy continuations (``metrics.continuations``), what a user reads,
-under ``metrics.generation_locality``'s rule. Prompts are generated in one fixed order, so
-recording and measuring batch them alike and an unchanged model scores exactly 1.0.
+The standing suite compares decoded greedy continuations (``metrics.continuations``), what
+a user reads, under ``metrics.generation_locality``'s rule. Prompts are run in one fixed
+order, so recording and measuring batch them alike and an unchanged model scores exactly 1.0.
 """
 from __future__ import annotations
 
@@ -88,14 +89,16 @@ def _rank(fact_id: str, name: str) -> int:
     return int(hashlib.sha256(f"{fact_id}\x1f{name}".encode()).hexdigest(), 16)
 
 
-def subject_probes(fact, templates: dict[str, dict] | None = None, k: int = 5) -> list[str]:
+def subject_probes(fact, templates: dict[str, dict] | None = None, k: int = 5,
+                   exclude: set[str] = frozenset()) -> list[str]:
     """``k`` (default 5) prompts about ``fact.subject`` on relations other than its own
-    (``own_relations``). Relations are ordered by a hash of the fact id and the relation,
-    and the template of each picked the same way, so a fact always gets the same probes
-    and facts on one subject spread over different relations. Fewer than ``k`` when fewer
-    relations are left."""
+    (``own_relations``) and those in ``exclude`` (the relations of other facts on the same
+    subject, whose answers may change by right). Relations are ordered by a hash of the fact
+    id and the relation, and the template of each picked the same way, so a fact always gets
+    the same probes and facts on one subject spread over different relations. Fewer than
+    ``k`` when fewer relations are left."""
     templates = load_templates() if templates is None else templates
-    own = own_relations(fact, templates)
+    own = own_relations(fact, templates) | set(exclude)
     names = sorted((n for n in templates if n not in own), key=lambda n: _rank(fact.fact_id, n))
     out = []
     for name in names[:k]:
@@ -104,20 +107,42 @@ def subject_probes(fact, templates: dict[str, dict] | None = None, k: int = 5) -
     return out
 
 
-def record_subject_probes(model, tokenizer, facts, k: int = 5, max_new_tokens: int = 16,
-                          templates: dict[str, dict] | None = None) -> list[dict]:
-    """Per fact ``{"fact_id", "subject", "prompts", "base", "max_new_tokens"}``: the probes
-    and the continuations (default 16 new tokens) of ``model``, which must be the unedited
-    base: call before training."""
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def record_subject_probes(model, tokenizer, facts, k: int = 5, max_new_tokens: int = 8,
+                          templates: dict[str, dict] | None = None, neighbours=()) -> list[dict]:
+    """Per fact ``{"fact_id", "subject", "prompts", "base", "base_argmax", "max_new_tokens"}``.
+
+    ``model`` must be the unedited base: call before training. ``base`` is the first line
+    of the base's greedy continuation of each probe (default 8 new tokens), its own answer;
+    a probe the base answers with nothing is dropped. ``base_argmax`` holds the base's
+    teacher-forced argmax tokens on that answer, what ``relation_specificity`` compares.
+    Relations of ``neighbours`` (other facts, e.g. those already live) and of the other
+    ``facts`` on the same subject are not probed."""
     templates = load_templates() if templates is None else templates
-    probes = [{"fact_id": f.fact_id, "subject": f.subject, "prompts": subject_probes(f, templates, k)}
+    taken: dict[str, set[str]] = {}
+    for f in [*neighbours, *facts]:
+        taken.setdefault(normalise(f.subject), set()).update(own_relations(f, templates))
+    probes = [{"fact_id": f.fact_id, "subject": f.subject,
+               "prompts": subject_probes(f, templates, k, taken.get(normalise(f.subject), set()))}
               for f in facts]
     texts = metrics.continuations(model, tokenizer, [p for r in probes for p in r["prompts"]],
                                   max_new_tokens)
     at = 0
     for r in probes:
-        r["base"], at = texts[at:at + len(r["prompts"])], at + len(r["prompts"])
+        answered = [(p, _first_line(t)) for p, t in zip(r["prompts"], texts[at:at + len(r["prompts"])])]
+        at += len(r["prompts"])
+        r["prompts"] = [p for p, a in answered if a]
+        r["base"] = [a for _, a in answered if a]
         r["max_new_tokens"] = max_new_tokens
+    pairs = [(p, a) for r in probes for p, a in zip(r["prompts"], r["base"])]
+    argmax = metrics.answer_argmax(model, tokenizer, pairs) if pairs else []
+    at = 0
+    for r in probes:
+        r["base_argmax"] = [pred for pred, _ in argmax[at:at + len(r["prompts"])]]
+        at += len(r["prompts"])
     return probes
 
 
@@ -132,37 +157,35 @@ def _attached(model, attach):
             handle.remove()
 
 
-def _settled_tokens(records: list[dict], max_new_tokens: int | None) -> int:
-    recorded = {r.get("max_new_tokens") for r in records} - {None}
-    if len(recorded) > 1 or (max_new_tokens is not None and recorded - {max_new_tokens}):
-        raise ValueError(f"base answers were recorded with max_new_tokens {sorted(recorded)}; "
-                         f"asked to compare at {max_new_tokens}: the texts would not be comparable")
-    if max_new_tokens is None and not recorded:
-        raise ValueError("max_new_tokens is not recorded with the probes: pass it")
-    return max_new_tokens if max_new_tokens is not None else recorded.pop()
-
-
-def relation_specificity(model, tokenizer, probes: list[dict], attach=None,
-                         max_new_tokens: int | None = None) -> dict:
-    """Relation specificity of an edit: per fact, the share of its probes whose continuation
-    is the same text as the base's (``metrics.generation_locality``), and each changed
-    answer. ``max_new_tokens`` defaults to the recorded one. ``mean`` is over facts with
+def relation_specificity(model, tokenizer, probes: list[dict], attach=None) -> dict:
+    """Relation specificity of an edit, KnowEdit's Relation_Specificity with the base
+    model's own answers (``record_subject_probes``) in place of a benchmark's: per probe,
+    the share of the answer's teacher-forced argmax tokens unchanged against the base
+    (``metrics.locality``); per fact, the mean over its probes, with each changed answer
+    (the base's answer and the edited model's greedy one). ``mean`` is over facts with
     probes; None when there are none."""
-    if not probes:
-        return {"per_fact": [], "mean": None}
-    n = _settled_tokens(probes, max_new_tokens)
+    pairs = [(p, a) for r in probes for p, a in zip(r["prompts"], r["base"])]
+    if not pairs:
+        return {"per_fact": [{"fact_id": r["fact_id"], "specificity": None, "changed": []}
+                             for r in probes], "mean": None}
     with _attached(model, attach):
-        texts = metrics.continuations(model, tokenizer, [p for r in probes for p in r["prompts"]], n)
+        edited = metrics.answer_argmax(model, tokenizer, pairs)
+        base = [(b, None) for r in probes for b in r["base_argmax"]]
+        scores = metrics.locality(base, edited)
+        changed_at = [i for i, s in enumerate(scores) if s < 1.0]
+        n = max((r["max_new_tokens"] for r in probes), default=8)
+        said = dict(zip(changed_at, metrics.continuations(
+            model, tokenizer, [pairs[i][0] for i in changed_at], n))) if changed_at else {}
     per_fact, at = [], 0
     for r in probes:
-        edited = texts[at:at + len(r["prompts"])]
-        at += len(r["prompts"])
-        same = metrics.generation_locality(r["base"], edited)
+        m = len(r["prompts"])
+        mine = scores[at:at + m]
         per_fact.append({
             "fact_id": r["fact_id"],
-            "specificity": sum(same) / len(same) if same else None,
-            "changed": [{"prompt": p, "base": b, "edited": e}
-                        for p, b, e, s in zip(r["prompts"], r["base"], edited, same) if not s]})
+            "specificity": sum(mine) / m if m else None,
+            "changed": [{"prompt": pairs[i][0], "base": pairs[i][1], "edited": _first_line(said[i])}
+                        for i in range(at, at + m) if i in said]})
+        at += m
     scored = [f["specificity"] for f in per_fact if f["specificity"] is not None]
     return {"per_fact": per_fact, "mean": sum(scored) / len(scored) if scored else None}
 

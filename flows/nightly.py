@@ -3,7 +3,7 @@
 One run, as the pipeline diagram in DESIGN.md draws it::
 
     inbox ─ingest (validate, dedupe, version with DVC)─> new batches + pending facts
-      └─> train a candidate on top of production ─> evaluate ─> MLflow ─> gate
+      └─> probe the base ─> train a candidate on top of production ─> evaluate ─> MLflow ─> gate
             ├─pass─> registry version; published/<version>; pointer + alias production
             │        switched under a promotion record (tasks.pipeline: recover finishes it)
             └─fail─> rejected version; production unchanged; facts pending with reasons
@@ -89,6 +89,8 @@ def _refresh(home: str, params: dict, seen: dict, *, dry_run: bool, force: bool)
         try:
             run_id = t.start_tracking(home, params, version)               # MLflow parent run
             lap("tracking")
+            t.probe(home, params, version)                               # the base's answers
+            lap("probe")
             progress(15, f"training {version}: {plan['upserts']} upserts, {plan['retracts']} retracts")
             candidate = t.train(home, params, version)                   # extends production
             lap("train")

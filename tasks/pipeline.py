@@ -269,7 +269,16 @@ def plan(home, params: dict, batches: list[dict], batch_items: list[list[dict]],
             "retracts": sum(1 for e in edits if e["fact"].get("op") == "retract")}
 
 
-# -- 2. train ---------------------------------------------------------------------------------
+# -- 2. probe the base, then train ---------------------------------------------------------------
+def probe(home, params: dict, version: str) -> dict:
+    """The base's answers the gate will compare with: the standing suite and the candidate's
+    subject probes (``tasks.probing``). Before training, on the unedited model."""
+    from tasks.probing import probe_base
+
+    model, tokenizer = model_for(params)
+    return probe_base(as_home(home), params, version, model, tokenizer)
+
+
 def train_candidate(home, params: dict, version: str, *, progress: bool = False) -> dict:
     """Extend the production set with the candidate's edits; save it under state/candidates.
 
@@ -362,6 +371,7 @@ def evaluate_candidate(home, params: dict, version: str) -> dict:
     from editing import AdapterSet, Fact
     from editing.evaluate import evaluate_facts
     from editing.metrics import perplexity
+    from tasks.probing import changes_text, strict_checks
 
     h = as_home(home)
     record = pub.read_record(h, version)
@@ -404,6 +414,14 @@ def evaluate_candidate(home, params: dict, version: str) -> dict:
     metrics["retracted_reliability"] = gone_means["reliability"] if gone_means else None
     loc = [r["locality"] for r in rows if r["kind"] != "retracted" and r.get("locality") is not None]
     metrics["locality"] = mean(loc) if loc else None
+    strict = strict_checks(h, params, record, new, candidate, model, tokenizer)
+    metrics.update(strict["metrics"])
+    for row in rows:
+        if row["kind"] == "new":
+            row.update(strict["per_fact"].get(row["fact_id"], {}))
+            changed = strict["changed"].get("subject", {}).get(row["fact_id"])
+            row["changed_answers"] = changes_text(changed) if changed else None
+    notes = {**_unmeasured(metrics, new, kept), **strict["notes"]}
     texts = drift_texts(params)
     base_ppl = perplexity(model, tokenizer, texts)
     handle = candidate.attach(model)
@@ -415,11 +433,22 @@ def evaluate_candidate(home, params: dict, version: str) -> dict:
                     "perplexity_candidate": cand_ppl, "new_edits": len(new), "retained_edits": len(kept),
                     "retracted_edits": len(retracted), "superseded_edits": len(changes["superseded"]),
                     "live_edits": len(record.get("live_after", [])),
-                    "eval_seconds": round(time.perf_counter() - t0, 3)})
-    evaluation = {"metrics": metrics, "per_fact": rows}
-    pub.update_record(h, version, status="evaluated", metrics=metrics)
+                    "eval_seconds": round(time.perf_counter() - t0, 3),
+                    **{f"eval_seconds_{k}": v for k, v in strict["seconds"].items()}})
+    evaluation = {"metrics": metrics, "per_fact": rows, "notes": notes, "changed": strict["changed"]}
+    pub.update_record(h, version, status="evaluated", metrics=metrics, notes=notes)
     checkpoint("after_evaluation")
     return evaluation
+
+
+def _unmeasured(metrics: dict, new: list[dict], kept: list[dict]) -> dict:
+    """Why each of the facts' own metrics is None, for the gate's report."""
+    why = {"reliability": "no new edits", "generality": "no new edit carries rephrased prompts",
+           "retention": "no previously live edits",
+           "locality": "no fact carries locality prompts (the standing suite still measures locality)"}
+    if not new:
+        why["generality"] = "no new edits"
+    return {k: v for k, v in why.items() if metrics.get(k) is None}
 
 
 # -- 4. gate ------------------------------------------------------------------------------------
@@ -427,7 +456,7 @@ def judge(home, params: dict, version: str, evaluation: dict) -> dict:
     from tasks.gate import gate
 
     verdict = gate(evaluation["metrics"], [r for r in evaluation["per_fact"] if r["kind"] != "retracted"],
-                   params)
+                   params, notes=evaluation.get("notes"))
     pub.update_record(as_home(home), version, verdict=verdict.to_dict())
     return verdict.to_dict()
 

@@ -197,7 +197,14 @@ def _pyfunc_source(h, params, run_id, record) -> tuple[str | None, str | None]:
     return str(info.model_uri), getattr(info, "model_id", None)
 
 
-# -- train, evaluate, gate, publish, reject ----------------------------------------------------
+# -- probe, train, evaluate, gate, publish, reject ---------------------------------------------
+@task(name="probe-base", **QUIET)
+def probe(home: str, params: dict, version: str) -> dict:
+    """The base's answers to the standing suite (recorded and versioned once per base model)
+    and to the candidate's subject probes, before training."""
+    return steps.probe(home, params, version)
+
+
 @task(name="train-candidate", **QUIET)
 def train(home: str, params: dict, version: str) -> dict:
     return steps.train_candidate(home, params, version)
@@ -213,12 +220,31 @@ def gate(home: str, params: dict, version: str, run_id: str, evaluation: dict) -
     """Judge the candidate; the verdict goes to MLflow tags and a Markdown artifact."""
     verdict = steps.judge(home, params, version, evaluation)
     v = Verdict.from_dict(verdict)
-    tracking.log_tags(tracking.client(steps.as_home(home)), run_id, {
+    cl = tracking.client(steps.as_home(home))
+    tracking.log_tags(cl, run_id, {
         "gate": "passed" if v.passed else "rejected", "gate.reasons": "; ".join(v.reasons) or "none",
+        **{f"gate.check.{c.metric}": f"{'pass' if c.passed else 'fail'}: {c.describe()}" for c in v.checks},
         **{f"gate.fact.{k}": why for k, why in list(v.fact_reasons.items())[:100]}})
-    _artifact("markdown", key="ledit-gate", markdown=gate_markdown(v, version),
-              description=f"gate verdict for {version}")
+    tracking.log_metrics(cl, run_id, {f"gate.threshold.{c.metric}": c.threshold for c in v.checks})
+    _artifact("markdown", key="ledit-gate", description=f"gate verdict for {version}",
+              markdown=gate_markdown(v, version) + changed_markdown(evaluation.get("changed") or {}))
     return verdict
+
+
+def changed_markdown(changed: dict, limit: int = 5) -> str:
+    """A few of the answers the candidate changed, for the gate's artifact."""
+    standing = changed.get("standing") or []
+    if not standing:
+        return ""
+    rows = ["", f"**Standing suite: {len(standing)} answer(s) changed** (first {min(limit, len(standing))})", "",
+            "| form | prompt | base | candidate |", "|---|---|---|---|"]
+    rows += [f"| {c['form']} | {_cell(c['prompt'])} | {_cell(c['base'])} | {_cell(c['edited'])} |"
+             for c in standing[:limit]]
+    return "\n".join(rows) + "\n"
+
+
+def _cell(text: str, width: int = 80) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")[:width]
 
 
 @task(name="publish", retries=2, retry_delay_seconds=3, **QUIET)

@@ -413,6 +413,9 @@ def log_evaluation(home: Home, run_id: str, evaluation: dict, version: str) -> N
         if rows:
             pl.DataFrame(rows, infer_schema_length=None).write_parquet(out / "per_fact.parquet")
         (out / "metrics.json").write_text(json.dumps(evaluation["metrics"], indent=2, sort_keys=True))
+        for name in ("notes", "changed"):     # why a check was not measured; the answers it changed
+            if evaluation.get(name):
+                (out / f"{name}.json").write_text(json.dumps(evaluation[name], indent=1, ensure_ascii=False))
         (out / "summary.md").write_text(metrics_markdown(evaluation["metrics"], version))
         cl.log_artifacts(run_id, str(out), "evaluation")
     if rows:

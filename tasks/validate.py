@@ -9,7 +9,9 @@ nested list fields; every string check (missing, type, empty or whitespace-only,
 control or bidirectional characters, fact_id charset, no-op target, subject in the prompt)
 and the key normalisation run as polars expressions over a whole chunk. Reasons that name
 a detail of the value (which character, where; which subject) are worded in Python by
-``editing.facts`` for the flagged rows only, so both paths say the same thing.
+``editing.facts`` for the flagged rows only, so both paths say the same thing. The list
+fields (rephrasings, locality and portability pairs) go through ``editing.facts``' own
+functions wherever polars sees an item that is not plainly good: one rule, one place.
 Non-ASCII strings are normalised by ``editing.facts.normalise`` itself, so keys are exact.
 """
 from __future__ import annotations
@@ -20,14 +22,20 @@ from typing import Any, Iterable
 
 import polars as pl
 
-from editing.facts import (CONTROL_CHARS, FACT_ID_PATTERN, FACT_ID_REASON, FORMATS, MAX_STRING,
-                           OPS, control_char_reason, detect_format, normalise, subject_reason)
+from editing.facts import (CONTROL_CHARS, DEFAULT_KIND, EMPTY, FACT_ID_PATTERN, FACT_ID_REASON,
+                           FORMATS, KIND_PATTERN, LONG, MAX_STRING, MISSING, NOOP, OPS,
+                           OPTIONAL_STR, REQUIRED, FactError, PairSkipped, control_char_reason,
+                           detect_format, evaluation_pairs, normalise, rephrase_list,
+                           subject_reason, warn_skipped)
 from tasks.sources import RawChunk
 
-REQUIRED = ("subject", "prompt", "target_new")
-OPTIONAL_STR = ("fact_id", "relation", "target_old", "source", "observed_at")
 STR_FIELDS = REQUIRED + OPTIONAL_STR
-PAIR = pl.Struct({"prompt": pl.String, "answer": pl.String})
+# A locality or portability pair as ``editing.facts.evaluation_pairs`` leaves it: ``answer``
+# is the alias teacher forcing scores, ``aliases`` (null unless the answer came as a list)
+# every alias, ``kind`` KnowEdit's group or the format's default. Batches written before
+# kinds have only prompt and answer; polars reads them with the two new fields null.
+PAIR = pl.Struct({"prompt": pl.String, "answer": pl.String, "kind": pl.String,
+                  "aliases": pl.List(pl.List(pl.String))})
 SEP = "\x1f"
 _OPSET = frozenset(OPS)
 _WS_ONLY = r"^[\s\x1c-\x1f]*$"      # Python's str.isspace() set, checked equal in tests
@@ -57,67 +65,11 @@ QUARANTINE_SCHEMA = {
 
 
 # -- Python side: pull fields out of parsed records --------------------------
-def _string_error(where: str, value) -> str | None:
-    if value is None:
-        return where + "missing required field"
-    if value.__class__ is not str:
-        return where + f"expected a string, got {type(value).__name__}"
-    if not value.strip():
-        return where + "empty or whitespace-only string"
-    if len(value) > MAX_STRING:
-        return where + f"string longer than {MAX_STRING} characters"
-    problem = control_char_reason(value)
-    return where + problem if problem else None
-
-
-def _list_array(offsets: list[int], values, mask: list[bool]) -> pl.Series:
-    import pyarrow as pa
-
-    arr = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values,
-                                   mask=pa.array(mask, pa.bool_()))
-    return pl.from_arrow(arr)
-
-
-_REPHRASE_BAD = f"rephrase_prompts{SEP}expected a list of non-empty strings"
-
-
-def _rephrase_error(v) -> str | None:
-    """``fact_from_record``'s rule: absent/empty is ``[]``, one string is a list of one,
-    otherwise a list of non-empty strings. ``v`` has had a lone string wrapped already."""
-    if not v:
-        return None
-    if v.__class__ is not list:
-        return _REPHRASE_BAD
-    for x in v:
-        if x.__class__ is not str or not x.strip():
-            return _REPHRASE_BAD
-    for i, x in enumerate(v):
-        problem = control_char_reason(x)
-        if problem:
-            return f"rephrase_prompts[{i}]{SEP}{problem}"
-    return None
-
-
-def _pairs_error(name: str, v) -> str | None:
-    if not v:
-        return None
-    if v.__class__ is not list:
-        return f"{name}{SEP}expected a list of {{prompt, answer}}"
-    for i, item in enumerate(v):
-        if item.__class__ is not dict:
-            return f"{name}{SEP}item {i} is not an object"
-        p, a = item.get("prompt"), item.get("answer")
-        err = (_string_error(f"{name}[{i}].prompt{SEP}", p)
-               or _string_error(f"{name}[{i}].answer{SEP}", a))
-        if err:
-            return err
-    return None
-
-
 def _arrow_types():
     import pyarrow as pa
 
-    pair = pa.struct([("prompt", pa.string()), ("answer", pa.string())])
+    pair = pa.struct([("prompt", pa.string()), ("answer", pa.string()), ("kind", pa.string()),
+                      ("aliases", pa.list_(pa.list_(pa.string())))])
     return pa.list_(pa.string()), pa.list_(pair)
 
 
@@ -135,73 +87,85 @@ def _blank(e: pl.Expr) -> pl.Expr:
     return e.is_null() | e.str.contains(_WS_ONLY)
 
 
-def rephrase_column(values: list, *, fast: bool = True) -> tuple[pl.Series, list[str | None]]:
-    """``rephrase_prompts`` as a List(String) column, and the error of each bad row.
+def _rephrase_row(v) -> tuple[list | None, str | None, list]:
+    """``editing.facts.rephrase_list`` on one row: (kept, error, skips)."""
+    try:
+        kept, skips = rephrase_list(v)
+    except FactError as exc:
+        return None, f"{exc.field}{SEP}{exc.reason}", []
+    return kept, None, skips
 
-    Fast path: pyarrow converts the whole column and polars flags rows with a blank item;
-    only flagged rows (or, if a type is wrong somewhere, every row) are checked in Python,
-    which words the error exactly as ``fact_from_record`` does."""
+
+def _pairs_row(name: str, v) -> tuple[list | None, str | None, list]:
+    """``editing.facts.evaluation_pairs`` on one row: (canonical pairs, error, skips)."""
+    try:
+        pairs, skips = evaluation_pairs(v, name)
+    except FactError as exc:
+        return None, f"{exc.field}{SEP}{exc.reason}", []
+    return pairs, None, skips
+
+
+def _checked_column(vals: list, arrow_type, exact, flag, fast: bool, skips: dict | None
+                    ) -> tuple[pl.Series, list[str | None]]:
+    """A list column, and the error of each bad row. The rules are ``editing.facts``' own
+    (``exact(row) -> (kept, error, skips)``); polars only picks the rows they need to see.
+    Fast path: pyarrow converts the whole column and ``flag`` marks rows with an item that
+    is not plainly good; only those (or, if a type is wrong somewhere, every row) go through
+    ``exact``, and the column is rebuilt from what it keeps. ``skips``, if given, gets
+    ``{row: [(field, reason), ...]}`` for the rows with items left out."""
     import pyarrow as pa
 
+    col = _fast_list(vals, arrow_type) if fast else None
+    rows = range(len(vals)) if col is None else flag(col).arg_true().to_list()
+    errs: list[str | None] = [None] * len(vals)
+    if len(rows):
+        vals = list(vals)
+        for i in rows:
+            vals[i], errs[i], row_skips = exact(vals[i])
+            if row_skips and skips is not None:
+                skips.setdefault(i, []).extend(row_skips)
+        col = pl.from_arrow(pa.array(vals, type=arrow_type))
+    return col, errs
+
+
+def rephrase_column(values: list, *, fast: bool = True, skips: dict | None = None
+                    ) -> tuple[pl.Series, list[str | None]]:
+    """``rephrase_prompts`` as a List(String) column, and the error of each bad row (a bad
+    row is null); rule 4 as ``editing.facts.rephrase_list`` words it."""
     vals = [([v] if v.__class__ is str else v) if v else [] for v in values]
-    col = _fast_list(vals, _arrow_types()[0]) if fast else None
-    if col is not None:
-        errs: list[str | None] = [None] * len(vals)
+
+    def flag(col: pl.Series) -> pl.Series:
         el = pl.element()
-        flagged = col.to_frame("r").select(
+        return col.to_frame("r").select(
             pl.col("r").list.eval(_blank(el) | el.str.contains(CONTROL_CHARS))
             .list.any().fill_null(False))["r"]
-        for i in flagged.arg_true().to_list():
-            errs[i] = _rephrase_error(vals[i])
-        return col, errs
-    flat: list[str] = []
-    offsets, mask, errs = [0], [], []
-    for v in vals:
-        err = _rephrase_error(v)
-        if v and err is None:
-            flat.extend(v)
-        errs.append(err)
-        mask.append(err is not None)
-        offsets.append(len(flat))
-    return _list_array(offsets, pa.array(flat, pa.string()), mask), errs
+
+    return _checked_column(vals, _arrow_types()[0], _rephrase_row, flag, fast, skips)
 
 
-def pairs_column(name: str, values: list, *, fast: bool = True
+def pairs_column(name: str, values: list, *, fast: bool = True, skips: dict | None = None
                  ) -> tuple[pl.Series, list[str | None]]:
-    """``locality`` / ``portability`` as List(Struct{prompt, answer}), and row errors
-    (fast path as in ``rephrase_column``)."""
-    import pyarrow as pa
-
+    """``locality`` / ``portability`` as List(PAIR), and row errors (a bad row is null);
+    rule 7 as ``editing.facts.evaluation_pairs`` words it, pairs without a kind given
+    ``DEFAULT_KIND`` as it does."""
     vals = [v if v else [] for v in values]
-    col = _fast_list(vals, _arrow_types()[1]) if fast else None
-    if col is not None:
-        errs: list[str | None] = [None] * len(vals)
+
+    def flag(col: pl.Series) -> pl.Series:
         el = pl.element()
-        bad_item = el.is_null()
+        kind = el.struct.field("kind")
+        bad_item = (el.is_null() | el.struct.field("aliases").is_not_null()
+                    | (kind.is_not_null() & ~kind.str.contains(f"^(?:{KIND_PATTERN})$")))
         for part in (el.struct.field("prompt"), el.struct.field("answer")):
             bad_item = (bad_item | _blank(part) | (part.str.len_chars() > MAX_STRING)
                         | part.str.contains(CONTROL_CHARS))
-        flagged = col.to_frame("r").select(
+        return col.to_frame("r").select(
             pl.col("r").list.eval(bad_item).list.any().fill_null(False))["r"]
-        for i in flagged.arg_true().to_list():
-            errs[i] = _pairs_error(name, vals[i])
-        return col, errs
-    prompts: list[str] = []
-    answers: list[str] = []
-    offsets, mask, errs = [0], [], []
-    for v in vals:
-        err = _pairs_error(name, v)
-        if v and err is None:
-            for item in v:
-                prompts.append(item["prompt"])
-                answers.append(item["answer"])
-        errs.append(err)
-        mask.append(err is not None)
-        offsets.append(len(prompts))
-    values_arr = pa.StructArray.from_arrays(
-        [pa.array(prompts, pa.string()), pa.array(answers, pa.string())],
-        names=["prompt", "answer"])
-    return _list_array(offsets, values_arr, mask), errs
+
+    col, errs = _checked_column(vals, _arrow_types()[1], lambda v: _pairs_row(name, v), flag,
+                                fast, skips)
+    col = col.to_frame("r").select(pl.col("r").list.eval(pl.element().struct.with_fields(
+        pl.field("kind").fill_null(DEFAULT_KIND))))["r"]
+    return col, errs
 
 
 def frame_from_chunk(chunk: RawChunk, fmt: str | None = None) -> pl.DataFrame:
@@ -245,14 +209,22 @@ def frame_from_chunk(chunk: RawChunk, fmt: str | None = None) -> pl.DataFrame:
         [None if ok else f"op{SEP}unknown op {v!r}; expected one of {OPS}"
          for v, ok in zip(ops, ok_op)], dtype=pl.String)
     cols["_fid_truthy"] = pl.Series([bool(o.get("fact_id")) for o in mapped], dtype=pl.Boolean)
+    skips: dict[int, list] = {}       # row -> items left out, in fact_from_record's order
     col, errs = rephrase_column([o.get("rephrase_prompts") for o in mapped],
-                                fast=chunk.json_types)
+                                fast=chunk.json_types, skips=skips)
     cols["rephrase_prompts"] = col.cast(pl.List(pl.String))
     cols["rephrase_prompts__e"] = pl.Series(errs, dtype=pl.String)
     for name in ("locality", "portability"):
-        col, errs = pairs_column(name, [o.get(name) for o in mapped], fast=chunk.json_types)
+        col, errs = pairs_column(name, [o.get(name) for o in mapped], fast=chunk.json_types,
+                                 skips=skips)
         cols[name] = col.cast(pl.List(PAIR))
         cols[name + "__e"] = pl.Series(errs, dtype=pl.String)
+    # the optional items left out, "field<SEP>reason" joined by RS (null for most rows):
+    # warned in validate_chunk for accepted records only
+    left_out = [None] * len(mapped)
+    for i, items in skips.items():
+        left_out[i] = "\x1e".join(f"{f}{SEP}{r}" for f, r in items)
+    cols["_skipped"] = pl.Series(left_out, dtype=pl.String)
     return pl.DataFrame(cols)
 
 
@@ -274,11 +246,11 @@ def _string_checks(name: str, required: bool) -> list[pl.Expr]:
         pl.concat_str([pl.lit(f"{name}{SEP}expected a string, got "), typ]))]
     if required:
         checks.append(pl.when((pl.col("op") == "upsert") & col.is_null() & typ.is_null())
-                      .then(pl.lit(f"{name}{SEP}missing required field")))
+                      .then(pl.lit(f"{name}{SEP}{MISSING}")))
     checks.append(pl.when(col.str.contains(_WS_ONLY))
-                  .then(pl.lit(f"{name}{SEP}empty or whitespace-only string")))
+                  .then(pl.lit(f"{name}{SEP}{EMPTY}")))
     checks.append(pl.when(col.str.len_chars() > MAX_STRING)
-                  .then(pl.lit(f"{name}{SEP}string longer than {MAX_STRING} characters")))
+                  .then(pl.lit(f"{name}{SEP}{LONG}")))
     checks.append(pl.concat_str([pl.lit(f"{name}{SEP}"), pl.col(name + "__c")]))
     return checks
 
@@ -341,8 +313,7 @@ def check_frame(df: pl.DataFrame) -> pl.DataFrame:
     checks.append(pl.col("rephrase_prompts__e"))
     checks.append(pl.when(upsert & pl.col("target_old").is_not_null()
                           & (pl.col("_tn_n") == pl.col("_to_n")))
-                  .then(pl.lit(f"target_new{SEP}target_new equals target_old: "
-                               "the update changes nothing")))
+                  .then(pl.lit(f"target_new{SEP}{NOOP}")))
     checks.append(pl.concat_str([pl.lit(f"prompt{SEP}"), pl.col("_subj_e")]))
     checks += [pl.col("locality__e"), pl.col("portability__e")]
     checks.append(pl.when(pl.col("observed_at").is_not_null() & pl.col("observed_ts").is_null())
@@ -365,9 +336,15 @@ def _blake(values: Iterable[str]) -> list[str]:
 
 
 def _pairs_text(name: str) -> pl.Expr:
+    # The kind and aliases count only where they say something, so a record of the project's
+    # own format hashes as it did before pairs had kinds.
+    el = pl.element()
+    kind = el.struct.field("kind")
+    aliases = el.struct.field("aliases").list.eval(pl.element().list.join("\x1b")).list.join("\x1a")
     return (pl.col(name).list.eval(pl.concat_str(
-        [pl.element().struct.field("prompt"), pl.element().struct.field("answer")],
-        separator="\x1d")).list.join("\x1c"))
+        [el.struct.field("prompt"), el.struct.field("answer"),
+         pl.when(kind != DEFAULT_KIND).then(kind), aliases],
+        separator="\x1d", ignore_nulls=True)).list.join("\x1c"))
 
 
 def keys_for_good(df: pl.DataFrame) -> pl.DataFrame:
@@ -401,11 +378,19 @@ def keys_for_good(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def validate_chunk(chunk: RawChunk, *, file: str, sha256: str, archived: str, seq: int,
-                   run_id: str, received_at: datetime, fmt: str | None = None
-                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``(good, bad)``: good rows in batch + dedupe columns; bad rows in the quarantine schema."""
+                   run_id: str, received_at: datetime, fmt: str | None = None,
+                   skipped_pairs: list | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(good, bad)``: good rows in batch + dedupe columns; bad rows in the quarantine schema.
+
+    Optional evaluation items left out of good rows are warned (``PairSkipped``, naming the
+    file, the record and the field) and appended to ``skipped_pairs``, if given."""
     df = check_frame(frame_from_chunk(chunk, fmt))
     bad_mask = df["_reason"].is_not_null()
+    left_out = df.filter(~bad_mask & df["_skipped"].is_not_null())
+    for rec, items in zip(left_out["_record"].to_list(), left_out["_skipped"].to_list()):
+        for item in items.split("\x1e"):
+            name, reason = item.split(SEP, 1)
+            warn_skipped(PairSkipped(reason, file=file, record=rec, field=name), skipped_pairs)
     bad = df.filter(bad_mask).select(
         pl.lit(file, pl.String).alias("file"), pl.lit(sha256, pl.String).alias("sha256"),
         pl.lit(archived, pl.String).alias("archived"), pl.col("_line").alias("line"),
@@ -430,8 +415,8 @@ def validate_chunk(chunk: RawChunk, *, file: str, sha256: str, archived: str, se
     return good, bad
 
 
-def validate_records(records: list[Any], *, file: str = "<records>", fmt: str | None = None
-                     ) -> tuple[pl.DataFrame, pl.DataFrame]:
+def validate_records(records: list[Any], *, file: str = "<records>", fmt: str | None = None,
+                     skipped_pairs: list | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Validate in-memory records (dicts or anything else): ``(good, bad)`` frames."""
     from datetime import timezone
 
@@ -441,4 +426,5 @@ def validate_records(records: list[Any], *, file: str = "<records>", fmt: str | 
             f"expected a JSON object, got {type(rec).__name__}"
         chunk.add(rec, None, i + 1, repr(rec)[:2000], perr)
     return validate_chunk(chunk, file=file, sha256="", archived="", seq=0, run_id="",
-                          received_at=datetime.now(timezone.utc), fmt=fmt)
+                          received_at=datetime.now(timezone.utc), fmt=fmt,
+                          skipped_pairs=skipped_pairs)

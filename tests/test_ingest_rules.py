@@ -7,13 +7,14 @@ import json
 import random
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from editing.facts import (CONTROL_CHARS, CONTROL_KIND, FACT_ID_PATTERN, NOOP, SUBJECT_KIND,
-                           FactError, fact_from_record, fact_key, records_to_facts)
+                           FactError, PairSkipped, fact_from_record, fact_key, records_to_facts)
 from tasks import validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,11 +138,8 @@ def test_control_characters_in_target_new_are_refused(text, code, name, position
     ("source", {**GOOD, "source": "feed\x00"}),
     ("observed_at", {**GOOD, "observed_at": "2024-01-01\u200e"}),
     ("fact_id", {**GOOD, "fact_id": "f-1\u202e"}),            # before the charset check
-    ("rephrase_prompts[1]", {**GOOD, "rephrase_prompts": ["ok", "Danielle\u202a Darrieux"]}),
-    ("rephrase_prompts[0]", {**GOOD, "rephrase_prompts": "one \u2029 string"}),
-    ("locality[1].answer", {**GOOD, "locality": [{"prompt": "p", "answer": "a"},
-                                                 {"prompt": "p", "answer": "a\u200b"}]}),
-    ("portability[0].prompt", {**GOOD, "portability": [{"prompt": "\u202bp", "answer": "a"}]}),
+    # in rephrasings and locality / portability items they leave the item out instead
+    # (tests/test_knowedit.py)
 ])
 def test_control_characters_are_refused_in_every_text_field(field, rec):
     got_field, reason = refused(rec)
@@ -183,7 +181,7 @@ def test_the_character_class_is_the_specified_set_in_python_and_polars():
     # the no-op before the subject, the subject before locality
     ({**GOOD, "subject": "Zed", "target_new": "french"}, "target_new"),
     ({**GOOD, "subject": "Zed", "locality": [{"prompt": "p", "answer": "\u200b"}]}, "prompt"),
-    ({**GOOD, "rephrase_prompts": ["\u200b"], "subject": "Zed"}, "rephrase_prompts[0]"),
+    ({**GOOD, "rephrase_prompts": 5, "subject": "Zed"}, "rephrase_prompts"),
 ])
 def test_the_first_problem_wins_in_the_same_order(rec, want):
     field, reason = refused(rec)
@@ -238,10 +236,14 @@ def test_fast_and_exact_list_paths_agree_on_control_characters():
     reph = [[a, b] for a in items for b in items]
     pairs = [[{"prompt": a, "answer": b}] for a in items for b in items]
     for fn, vals in ((validate.rephrase_column, reph),
-                     (lambda v, fast: validate.pairs_column("locality", v, fast=fast), pairs)):
-        fast_col, fast_err = fn(vals, fast=True)
-        slow_col, slow_err = fn(vals, fast=False)
-        assert fast_err == slow_err and any(fast_err) and not all(fast_err)
+                     (lambda v, fast, skips: validate.pairs_column("locality", v, fast=fast,
+                                                                   skips=skips), pairs)):
+        fast_skips, slow_skips = {}, {}     # such items are left out, not refused
+        fast_col, fast_err = fn(vals, fast=True, skips=fast_skips)
+        slow_col, slow_err = fn(vals, fast=False, skips=slow_skips)
+        assert fast_err == slow_err and not any(fast_err)
+        assert fast_skips == slow_skips and 0 < len(fast_skips) < len(vals)
+        assert fast_col.to_list() == slow_col.to_list()
 
 
 # -- benchmarks: refused records are skipped and counted ---------------------------------
@@ -271,18 +273,19 @@ def test_bench_loader_skips_refused_records_and_names_each_kind_once(tmp_path, c
             {**rec, "alt": "France"}, {**rec, "src": "Rome is the capital of"}, rec]
     (tmp_path / "zsre-dev.json").write_text(json.dumps(recs), encoding="utf-8")
     facts = edit_quality.load_dataset("zsre", tmp_path)
-    assert len(facts) == 2
+    assert len(facts) == 4               # records 1 and 2 without their locality pair
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "note: 4 of 6 records skipped in zsre-dev.json:"
-    assert sorted(line.split(":")[0] for line in out[1:]) == sorted(
-        [f"  2 x {CONTROL_KIND}", f"  1 x {NOOP.split(':')[0]}", f"  1 x {SUBJECT_KIND}"])
-    assert "records 1, 2 (first in field locality[0].answer: contains U+FEFF" in "".join(out)
+    assert out[:2] == ["note: 2 evaluation items left out of accepted records in zsre-dev.json:",
+                       f"  2 x {CONTROL_KIND}: record 1 locality[0].answer, "
+                       "record 2 locality[0].answer"]
+    assert out[2] == "note: 2 of 6 records skipped in zsre-dev.json:"
+    assert sorted(line.split(":")[0] for line in out[3:]) == sorted(
+        [f"  1 x {NOOP.split(':')[0]}", f"  1 x {SUBJECT_KIND}"])
 
 
-KNOWN_REFUSED = {   # records whose locality text holds U+200E, U+FEFF or U+200B (in
-    # zsre-eval-dev, record 1137 too, but it is a no-op first; in knowedit-wiki-recent-dev,
-    # records 234, 256 and 435 hold U+200E only in alias answers the mapping does not read)
-    "knowedit-wiki-recent-dev.json": [81],
+KNOWN_LEFT_OUT = {   # records whose locality text holds U+200E, U+FEFF or U+200B, which
+    # leaves that pair out (in zsre-eval-dev, record 1137 too, but it is a no-op first)
+    "knowedit-wiki-recent-dev.json": [81, 234, 256, 435],
     "zsre-dev.json": [334, 362, 509],
     "zsre-eval-dev.json": [75, 91, 204, 1018, 1122, 1445],
 }
@@ -292,8 +295,11 @@ KNOWN_REFUSED = {   # records whose locality text holds U+200E, U+FEFF or U+200B
 def test_public_benchmarks_mention_every_subject_and_hold_only_the_known_characters():
     for path in sorted(BENCHMARKS.glob("*.json")):
         skipped: list = []
-        list(records_to_facts(json.loads(path.read_text(encoding="utf-8")), file=path.name,
-                              skipped=skipped, skip_refused=True))
-        assert not [e for e in skipped if e.kind == SUBJECT_KIND], path.name
-        chars = [e.record for e in skipped if e.kind == CONTROL_KIND]
-        assert chars == KNOWN_REFUSED.get(path.name, []), path.name
+        left_out: list = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PairSkipped)
+            list(records_to_facts(json.loads(path.read_text(encoding="utf-8")), file=path.name,
+                                  skipped=skipped, skip_refused=True, skipped_pairs=left_out))
+        assert not [e for e in skipped if e.kind in (SUBJECT_KIND, CONTROL_KIND)], path.name
+        chars = [e.record for e in left_out if e.reason.startswith("contains U+")]
+        assert chars == KNOWN_LEFT_OUT.get(path.name, []), path.name

@@ -40,7 +40,9 @@ BAD_CASES = {
     "missing field": ({k: v for k, v in GOOD.items() if k != "target_new"},
                       "target_new", "missing required field"),
     "wrong type": ({**GOOD, "subject": 42}, "subject", "expected a string, got int"),
-    "wrong type in list": ({**GOOD, "rephrase_prompts": ["ok", 7]}, "rephrase_prompts",
+    # a bad item of an optional list is left out with a warning (tests/test_knowedit.py);
+    # a list field of the wrong shape refuses the record
+    "wrong type of list": ({**GOOD, "rephrase_prompts": {"a": 7}}, "rephrase_prompts",
                            "expected a list of non-empty strings"),
     "empty string": ({**GOOD, "prompt": ""}, "prompt", "empty or whitespace-only string"),
     "whitespace-only string": ({**GOOD, "target_new": " \t\u3000"}, "target_new",
@@ -52,8 +54,8 @@ BAD_CASES = {
     "bad op": ({**GOOD, "op": "delete"}, "op", "unknown op 'delete'"),
     "bad observed_at": ({**GOOD, "observed_at": "last tuesday"}, "observed_at",
                         "not an ISO 8601 timestamp"),
-    "locality item without answer": ({**GOOD, "locality": [{"prompt": "p"}]},
-                                     "locality[0].answer", "missing required field"),
+    "locality not a list": ({**GOOD, "locality": "p"}, "locality",
+                            "expected a list of {prompt, answer}"),
     "not an object": ([1, 2], None, "expected a JSON object, got list"),
 }
 
@@ -132,7 +134,8 @@ def test_knowedit_csv_and_parquet(tmp_path):
     n, ok, bad = run_file(tmp_path / "ke.json")
     row = ok.row(0, named=True)
     assert (n, bad.height, row["source_format"], row["target_old"]) == (1, 0, "knowedit", "France")
-    assert row["locality"] == [{"prompt": "Rome is the capital of", "answer": "Italy"}]
+    assert row["locality"] == [{"prompt": "Rome is the capital of", "answer": "Italy",
+                                "kind": "Relation_Specificity", "aliases": [["Italy"]]}]
 
     csv_text = ("subject,prompt,target_new,target_old,rephrase_prompts,locality\n"
                 'A,The capital of A is,X,Y,"[""A\'s capital is""]",'
@@ -232,9 +235,11 @@ def test_fast_and_exact_list_paths_agree():
              [{k: rng.choice(items) for k in ("prompt", "answer") if rng.random() < .9}
               for _ in range(rng.randrange(1, 3))] for _ in range(2000)]
     for fn, vals in ((validate.rephrase_column, reph),
-                     (lambda v, fast: validate.pairs_column("locality", v, fast=fast), pairs)):
-        fast_col, fast_err = fn(vals, fast=True)
-        slow_col, slow_err = fn(vals, fast=False)
-        assert fast_err == slow_err and any(fast_err) and not all(fast_err)
-        keep = [i for i, e in enumerate(fast_err) if e is None]
-        assert fast_col.gather(keep).to_list() == slow_col.gather(keep).to_list()
+                     (lambda v, fast, skips: validate.pairs_column("locality", v, fast=fast,
+                                                                   skips=skips), pairs)):
+        fast_skips, slow_skips = {}, {}     # bad items are left out, not refused
+        fast_col, fast_err = fn(vals, fast=True, skips=fast_skips)
+        slow_col, slow_err = fn(vals, fast=False, skips=slow_skips)
+        assert fast_err == slow_err
+        assert fast_skips == slow_skips and 0 < len(fast_skips) < len(vals)
+        assert fast_col.to_list() == slow_col.to_list()

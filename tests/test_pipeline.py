@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from editing.params import load_params, merge
+from tasks.gate import open_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
-OPEN_GATE = {"min_reliability": 0.0, "min_generality": 0.0, "min_retention": 0.0,
-             "min_locality": 0.0, "max_drift": 1e9, "fact_min_reliability": 0.0}
+OPEN_GATE = {**open_thresholds(),
+             # small, so that the tiny model's runs stay quick; every check still runs
+             "probes": {"standing_size": 3, "standing_tokens": 4, "subject_probes": 2,
+                        "subject_tokens": 4, "strict_facts": 4, "strict_tokens": 4}}
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -415,8 +418,7 @@ def test_a_batch_record_todays_rules_refuse_is_skipped_not_fatal(tiny_dir, home,
 def test_gate_thresholds_and_reasons():
     from tasks.gate import GateConfigError, gate
 
-    params = {"gate": {"min_reliability": 0.9, "min_generality": 0.5, "min_retention": 0.9,
-                       "min_locality": 0.9, "max_drift": 0.05, "fact_min_reliability": 0.5}}
+    params = load_params(ROOT / "params.yaml")
     good = {"reliability": 1.0, "generality": 0.6, "retention": None, "locality": 0.95, "drift": 0.01}
     v = gate(good, [{"fact_id": "a", "kind": "new", "reliability": 1.0, "generality": 0.6}], params)
     assert v.passed and not v.reasons

@@ -88,7 +88,8 @@ def test_same_fact_same_probes_and_facts_on_one_subject_differ(templates):
 def test_relation_specificity_is_one_unedited_and_zero_when_every_answer_changes(tiny_model, tokenizer):
     recorded = probes.record_subject_probes(tiny_model, tokenizer, _facts(), k=3, max_new_tokens=4)
     assert [r["fact_id"] for r in recorded] == [f.fact_id for f in _facts()]
-    assert all(len(r["prompts"]) == len(r["base"]) == 3 for r in recorded)
+    assert all(len(r["prompts"]) == len(r["base"]) == len(r["base_argmax"]) for r in recorded)
+    assert all(b and "\n" not in b for r in recorded for b in r["base"])     # one line, never empty
 
     same = probes.relation_specificity(tiny_model, tokenizer, recorded)
     assert same["mean"] == 1.0
@@ -103,9 +104,15 @@ def test_relation_specificity_is_one_unedited_and_zero_when_every_answer_changes
         assert all(c["base"] == b and "zebra" in c["edited"] for c, b in zip(fact["changed"], r["base"]))
     # the hook is gone again
     assert probes.relation_specificity(tiny_model, tokenizer, recorded)["mean"] == 1.0
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        probes.relation_specificity(tiny_model, tokenizer, recorded, max_new_tokens=8)
     assert probes.relation_specificity(tiny_model, tokenizer, []) == {"per_fact": [], "mean": None}
+
+
+def test_relations_of_other_facts_on_the_subject_are_not_probed(templates):
+    a, b = _facts()                              # occupation, and place of birth by keyword
+    alone = probes.subject_probes(a, templates, k=len(templates))
+    assert not any("born" in p or "birthplace" in p for p in probes.subject_probes(
+        a, templates, k=len(templates), exclude=probes.own_relations(b, templates)))
+    assert any("born" in p or "birthplace" in p for p in alone)
 
 
 def test_standing_suite_has_both_forms(tokenizer):
