@@ -335,17 +335,29 @@ def warn_skipped(skip: PairSkipped, skipped_pairs: list | None = None) -> None:
 
 
 # -- mappings from the public benchmark formats ---------------------------------
+def aliases(answer) -> list[str]:
+    """The acceptable strings of an answer: a string, a list of aliases or a list of alias
+    lists (any nesting), flattened in order; None, empty and blank strings are dropped and
+    repeats kept once. A number (a JSON year, 1999) is taken as its ``str``."""
+    if answer is None:
+        return []
+    if isinstance(answer, (list, tuple)):
+        out = []
+        for item in answer:
+            out.extend(a for a in aliases(item) if a not in out)
+        return out
+    text = answer if isinstance(answer, str) else str(answer)
+    return [text] if text.strip() else []
+
+
 def first_alias(value):
     """A target given as a list (KnowEdit's ``ground_truth``, aliases or alias lists): its
-    first non-empty alias, which is what is trained and scored; "" when it has none (refused
-    as empty where the field is required). Anything else is returned as it is."""
+    first alias (``aliases``), which is what is trained and scored; "" when it has none
+    (refused as empty where the field is required). Anything else is returned as it is."""
     if not isinstance(value, list):
         return value
-    for item in value:
-        alias = first_alias(item)
-        if isinstance(alias, str) and alias.strip():
-            return alias
-    return ""
+    found = aliases(value)
+    return found[0] if found else ""
 
 
 def _old_target(value):

@@ -34,7 +34,7 @@ from collections import Counter
 
 import torch
 
-from .facts import normalise
+from .facts import aliases, normalise  # noqa: F401 (aliases: part of this module's API)
 
 
 def _pairs_to_batch(tokenizer, pairs: list[tuple[str, str]]):
@@ -191,21 +191,6 @@ def words(text: str) -> list[str]:
         if _UNSEGMENTED.match(c):
             out.append(c)
     return out
-
-
-def aliases(answer) -> list[str]:
-    """The acceptable strings of an answer: a string, a list of aliases or a list of alias
-    lists (any nesting), flattened in order; None, empty and blank strings are dropped and
-    repeats kept once. A number (a JSON year, 1999) is taken as its ``str``."""
-    if answer is None:
-        return []
-    if isinstance(answer, (list, tuple)):
-        out = []
-        for item in answer:
-            out.extend(a for a in aliases(item) if a not in out)
-        return out
-    text = answer if isinstance(answer, str) else str(answer)
-    return [text] if text.strip() else []
 
 
 def contains_answer(text: str, answer) -> bool:

@@ -7,11 +7,11 @@ an edit most often does: overwriting the edited subject's *other* facts (KnowEdi
 Relation_Specificity of 0.12-0.14). Two measures that need nothing from the feed:
 
 - same-subject probes (``subject_probes``): for each edited fact, cloze prompts about the
-  same subject on other relations (``data/probes/relation-templates.yaml``), chosen by a
-  stable hash of the fact id. The base model's own answers (the first line of its greedy
+  same subject on other relations (``data/probes/relation-templates.yaml``), each in the
+  label form and one template, chosen by a stable hash of the fact id. The base model's own answers (the first line of its greedy
   continuation) are recorded before training (``record_subject_probes``); relation
   specificity (``relation_specificity``) is KnowEdit's Relation_Specificity on them: the
-  share of teacher-forced argmax answer tokens unchanged, with every changed answer named.
+  share of answers whose teacher-forced argmax tokens are unchanged, each changed one named.
 - a standing locality suite (``data/probes/standing-prompts.txt``): everyday questions and
   openings of the kinds users send, asked as plain text and through the chat template. The
   base model's answers are recorded once per base model, keyed by its ``fingerprint``
@@ -51,16 +51,18 @@ class FingerprintMismatch(ValueError):
 # --- relation templates and same-subject probes ----------------------------------------
 
 def load_templates(path: str | Path = TEMPLATES) -> dict[str, dict]:
-    """``{relation: {"keywords": [...], "templates": [...]}}``; every template must hold
-    ``{subject}`` and every relation at least one template."""
+    """``{relation: {"label", "keywords": [...], "templates": [...]}}``; every template must
+    hold ``{subject}`` and every relation have a label and at least one template."""
     with open(path, encoding="utf-8") as f:
         relations = (yaml.safe_load(f) or {}).get("relations") or {}
     out = {}
     for name, spec in relations.items():
         templates = list(spec.get("templates") or [])
-        if not templates or any("{subject}" not in t for t in templates):
-            raise ValueError(f"{path}: relation {name!r} needs templates that each hold {{subject}}")
-        out[str(name)] = {"keywords": [str(k) for k in spec.get("keywords") or []],
+        if not templates or any("{subject}" not in t for t in templates) or not spec.get("label"):
+            raise ValueError(f"{path}: relation {name!r} needs a label and templates that each "
+                             "hold {subject}")
+        out[str(name)] = {"label": str(spec["label"]),
+                          "keywords": [str(k) for k in spec.get("keywords") or []],
                           "templates": templates}
     return out
 
@@ -91,18 +93,20 @@ def _rank(fact_id: str, name: str) -> int:
 
 def subject_probes(fact, templates: dict[str, dict] | None = None, k: int = 5,
                    exclude: set[str] = frozenset()) -> list[str]:
-    """``k`` (default 5) prompts about ``fact.subject`` on relations other than its own
+    """Prompts about ``fact.subject`` on ``k`` (default 5) relations other than its own
     (``own_relations``) and those in ``exclude`` (the relations of other facts on the same
-    subject, whose answers may change by right). Relations are ordered by a hash of the fact
-    id and the relation, and the template of each picked the same way, so a fact always gets
-    the same probes and facts on one subject spread over different relations. Fewer than
-    ``k`` when fewer relations are left."""
+    subject, whose answers may change by right), each in two forms: the label form "The
+    {label} of {subject} is" and one of the relation's templates. Relations are ordered by
+    a hash of the fact id and the relation, and the template picked the same way, so a fact
+    always gets the same probes and facts on one subject spread over different relations.
+    Fewer when fewer relations are left."""
     templates = load_templates() if templates is None else templates
     own = own_relations(fact, templates) | set(exclude)
     names = sorted((n for n in templates if n not in own), key=lambda n: _rank(fact.fact_id, n))
     out = []
     for name in names[:k]:
         options = templates[name]["templates"]
+        out.append(f"The {templates[name]['label']} of {fact.subject} is")
         out.append(options[_rank(fact.fact_id, name) % len(options)].replace("{subject}", fact.subject))
     return out
 
@@ -111,13 +115,19 @@ def _first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+def short_answer(text: str) -> str:
+    """The answer in a continuation: its first line up to the first sentence or clause mark,
+    as benchmarks give an answer ("Paris", not "Paris, which is also ...")."""
+    return re.split(r"[.,;:!?(]", _first_line(text), maxsplit=1)[0].strip()
+
+
 def record_subject_probes(model, tokenizer, facts, k: int = 5, max_new_tokens: int = 8,
                           templates: dict[str, dict] | None = None, neighbours=()) -> list[dict]:
     """Per fact ``{"fact_id", "subject", "prompts", "base", "base_argmax", "max_new_tokens"}``.
 
-    ``model`` must be the unedited base: call before training. ``base`` is the first line
-    of the base's greedy continuation of each probe (default 8 new tokens), its own answer;
-    a probe the base answers with nothing is dropped. ``base_argmax`` holds the base's
+    ``model`` must be the unedited base: call before training. ``base`` is the base's own
+    answer, the ``short_answer`` of its greedy continuation of each probe (default 8 new
+    tokens); a probe the base answers with nothing is dropped. ``base_argmax`` holds the base's
     teacher-forced argmax tokens on that answer, what ``relation_specificity`` compares.
     Relations of ``neighbours`` (other facts, e.g. those already live) and of the other
     ``facts`` on the same subject are not probed."""
@@ -132,7 +142,7 @@ def record_subject_probes(model, tokenizer, facts, k: int = 5, max_new_tokens: i
                                   max_new_tokens)
     at = 0
     for r in probes:
-        answered = [(p, _first_line(t)) for p, t in zip(r["prompts"], texts[at:at + len(r["prompts"])])]
+        answered = [(p, short_answer(t)) for p, t in zip(r["prompts"], texts[at:at + len(r["prompts"])])]
         at += len(r["prompts"])
         r["prompts"] = [p for p, a in answered if a]
         r["base"] = [a for _, a in answered if a]
@@ -159,11 +169,11 @@ def _attached(model, attach):
 
 def relation_specificity(model, tokenizer, probes: list[dict], attach=None) -> dict:
     """Relation specificity of an edit, KnowEdit's Relation_Specificity with the base
-    model's own answers (``record_subject_probes``) in place of a benchmark's: per probe,
-    the share of the answer's teacher-forced argmax tokens unchanged against the base
-    (``metrics.locality``); per fact, the mean over its probes, with each changed answer
-    (the base's answer and the edited model's greedy one). ``mean`` is over facts with
-    probes; None when there are none."""
+    model's own answers (``record_subject_probes``) in place of a benchmark's: a probe is
+    kept when every teacher-forced argmax token of its answer is unchanged against the base
+    (KnowEdit's answers are a few tokens, so its token share is nearly this); per fact, the
+    share of its probes kept, with each changed answer (the base's answer and the edited
+    model's greedy one). ``mean`` is over facts with probes; None when there are none."""
     pairs = [(p, a) for r in probes for p, a in zip(r["prompts"], r["base"])]
     if not pairs:
         return {"per_fact": [{"fact_id": r["fact_id"], "specificity": None, "changed": []}
@@ -171,7 +181,7 @@ def relation_specificity(model, tokenizer, probes: list[dict], attach=None) -> d
     with _attached(model, attach):
         edited = metrics.answer_argmax(model, tokenizer, pairs)
         base = [(b, None) for r in probes for b in r["base_argmax"]]
-        scores = metrics.locality(base, edited)
+        scores = [float(share == 1.0) for share in metrics.locality(base, edited)]
         changed_at = [i for i, s in enumerate(scores) if s < 1.0]
         n = max((r["max_new_tokens"] for r in probes), default=8)
         said = dict(zip(changed_at, metrics.continuations(
@@ -183,7 +193,7 @@ def relation_specificity(model, tokenizer, probes: list[dict], attach=None) -> d
         per_fact.append({
             "fact_id": r["fact_id"],
             "specificity": sum(mine) / m if m else None,
-            "changed": [{"prompt": pairs[i][0], "base": pairs[i][1], "edited": _first_line(said[i])}
+            "changed": [{"prompt": pairs[i][0], "base": pairs[i][1], "edited": short_answer(said[i]) or _first_line(said[i])}
                         for i in range(at, at + m) if i in said]})
         at += m
     scored = [f["specificity"] for f in per_fact if f["specificity"] is not None]

@@ -48,22 +48,27 @@ def test_templates_load_and_each_holds_the_subject(templates):
 
 def test_templates_without_subject_are_refused(tmp_path):
     bad = tmp_path / "t.yaml"
-    bad.write_text("relations:\n  capital:\n    keywords: [capital]\n    templates: ['The capital is']\n")
+    bad.write_text("relations:\n  capital:\n    label: capital\n    keywords: [capital]\n    templates: ['The capital is']\n")
     with pytest.raises(ValueError, match="capital"):
         probes.load_templates(bad)
     empty = tmp_path / "e.yaml"          # a relation with no template at all
-    empty.write_text("relations:\n  capital:\n    keywords: [capital]\n    templates: []\n")
+    empty.write_text("relations:\n  capital:\n    label: capital\n    keywords: [capital]\n    templates: []\n")
     with pytest.raises(ValueError, match="capital"):
         probes.load_templates(empty)
+    unlabelled = tmp_path / "u.yaml"
+    unlabelled.write_text("relations:\n  capital:\n    keywords: [capital]\n    templates: ['{subject}']\n")
+    with pytest.raises(ValueError, match="label"):
+        probes.load_templates(unlabelled)
 
 
 def test_own_relation_is_excluded_by_name(templates):
     fact = Fact(subject="Ada Lovelace", prompt="Ada Lovelace is", target_new="x", relation="spouse")
     assert probes.own_relations(fact, templates) == {"spouse"}
     every = probes.subject_probes(fact, templates, k=len(templates))
-    assert len(every) == len(templates) - 1
+    assert len(every) == 2 * (len(templates) - 1)               # the label form and a template
     assert not any(p in every for p in [t.replace("{subject}", "Ada Lovelace")
                                         for t in templates["spouse"]["templates"]])
+    assert "The spouse of Ada Lovelace is" not in every
     assert all("Ada Lovelace" in p for p in every)
 
 
@@ -80,7 +85,8 @@ def test_own_relation_is_excluded_by_prompt_keyword(templates):
 def test_same_fact_same_probes_and_facts_on_one_subject_differ(templates):
     a, b = _facts()
     first = probes.subject_probes(a, templates, k=5)
-    assert len(first) == 5 and first == probes.subject_probes(a, templates, k=5)
+    assert len(first) == 10 and first == probes.subject_probes(a, templates, k=5)   # two forms each
+    assert first[0].startswith("The ") and first[0].endswith(" of Ada Lovelace is")
     assert first == probes.subject_probes(Fact(**a.to_dict()), probes.load_templates(), k=5)
     assert first != probes.subject_probes(b, templates, k=5)
 
@@ -185,6 +191,9 @@ def test_no_probe_equals_a_sample_prompt(templates):
     assert len(texts) > 20 and subjects
     for prompt in probes.load_standing_prompts():
         assert normalise(prompt) not in texts, prompt
+    # The hand-written templates are this project's own. The label form ("The {label} of
+    # {subject} is") is the plain cloze of a relation, which WikiData-built sets use too: it
+    # may equal one of their prompts. Probes only measure; nothing is trained on them.
     for spec in templates.values():
         for template in spec["templates"]:
             for subject in subjects:
