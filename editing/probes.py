@@ -167,13 +167,14 @@ def _attached(model, attach):
             handle.remove()
 
 
-def relation_specificity(model, tokenizer, probes: list[dict], attach=None) -> dict:
+def relation_specificity(model, tokenizer, probes: list[dict], attach=None, show: int = 3) -> dict:
     """Relation specificity of an edit, KnowEdit's Relation_Specificity with the base
     model's own answers (``record_subject_probes``) in place of a benchmark's: a probe is
     kept when every teacher-forced argmax token of its answer is unchanged against the base
     (KnowEdit's answers are a few tokens, so its token share is nearly this); per fact, the
-    share of its probes kept, with each changed answer (the base's answer and the edited
-    model's greedy one). ``mean`` is over facts with probes; None when there are none."""
+    share of its probes kept, with its first ``show`` (default 3) changed answers: the base's
+    and the edited model's greedy one (generated only for those, as generation is the cost).
+    ``mean`` is over facts with probes; None when there are none."""
     pairs = [(p, a) for r in probes for p, a in zip(r["prompts"], r["base"])]
     if not pairs:
         return {"per_fact": [{"fact_id": r["fact_id"], "specificity": None, "changed": []}
@@ -182,7 +183,11 @@ def relation_specificity(model, tokenizer, probes: list[dict], attach=None) -> d
         edited = metrics.answer_argmax(model, tokenizer, pairs)
         base = [(b, None) for r in probes for b in r["base_argmax"]]
         scores = [float(share == 1.0) for share in metrics.locality(base, edited)]
-        changed_at = [i for i, s in enumerate(scores) if s < 1.0]
+        changed_at, at = [], 0
+        for r in probes:
+            m = len(r["prompts"])
+            changed_at += [i for i in range(at, at + m) if scores[i] < 1.0][:show]
+            at += m
         n = max((r["max_new_tokens"] for r in probes), default=8)
         said = dict(zip(changed_at, metrics.continuations(
             model, tokenizer, [pairs[i][0] for i in changed_at], n))) if changed_at else {}

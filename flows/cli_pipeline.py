@@ -23,7 +23,6 @@ SAMPLE = ROOT / "data" / "samples" / "nightly-sample.jsonl"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "true",
            "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
-GATE_KEYS = ("reliability", "generality", "retention", "locality", "drift")
 
 
 def _home_option(f):
@@ -120,9 +119,13 @@ def _print_summary(s: dict) -> None:
     if c:
         click.echo(f"edits        {len(c['added'])} added, {len(c['superseded'])} superseded, "
                    f"{len(c['retracted'])} retracted, {len(s.get('skipped') or [])} skipped")
-    measured = {k: s.get(k) for k in GATE_KEYS if s.get(k) is not None}
+    from tasks.gate import GATE_METRICS
+
+    measured = {k: s.get(k) for k in GATE_METRICS if s.get(k) is not None}
     if measured:
         click.echo("gate         " + ", ".join(f"{k} {v:.3f}" for k, v in measured.items()))
+    for metric, why in (s.get("not_measured") or {}).items():
+        click.echo(f"not measured {metric}: {why}")
     for r in s.get("reasons") or []:
         click.echo(f"rejected     {r}")
     click.echo(f"pending      {s.get('pending', 0)} fact(s)")

@@ -299,6 +299,8 @@ def report(home: str, params: dict, plan: dict, outcome: dict | None = None,
         "mlflow_run_id": run_id, "model_version": model_version, "flow_run_id": _flow_run_id(),
         "gate": {k: metrics.get(k) for k in GATE_METRICS}, "passed": verdict.get("passed"),
         "reasons": verdict.get("reasons", []), "batches": [b["tag"] for b in plan.get("batches", [])],
+        "not_measured": {c["metric"]: c.get("note") or "nothing to measure"
+                         for c in verdict.get("checks", []) if c.get("value") is None},
         "changes": record.get("changes"), "skipped": plan.get("skipped", []),
         "pending": len(steps.read_state(h)["pending"]), "published_dir": (outcome or {}).get("published_dir"),
         "production": steps.production_status(h, params),

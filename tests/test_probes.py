@@ -106,7 +106,7 @@ def test_relation_specificity_is_one_unedited_and_zero_when_every_answer_changes
     assert hit["mean"] == 0.0
     for fact, r in zip(hit["per_fact"], recorded):
         assert fact["specificity"] == 0.0
-        assert [c["prompt"] for c in fact["changed"]] == r["prompts"]
+        assert [c["prompt"] for c in fact["changed"]] == r["prompts"][:3]       # the first three shown
         assert all(c["base"] == b and "zebra" in c["edited"] for c, b in zip(fact["changed"], r["base"]))
     # the hook is gone again
     assert probes.relation_specificity(tiny_model, tokenizer, recorded)["mean"] == 1.0
@@ -198,3 +198,10 @@ def test_no_probe_equals_a_sample_prompt(templates):
         for template in spec["templates"]:
             for subject in subjects:
                 assert normalise(template.replace("{subject}", subject)) not in texts, template
+
+
+def test_the_recorded_answer_is_the_short_answer_of_a_continuation():
+    assert probes.short_answer(" Paris, which is also the largest city.\nMore") == "Paris"
+    assert probes.short_answer("\n the 1990s (roughly). Then") == "the 1990s"
+    assert probes.short_answer("Dr Who is a show") == "Dr Who is a show"
+    assert probes.short_answer(". nothing") == ""
