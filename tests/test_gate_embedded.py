@@ -6,7 +6,8 @@ probe, train, evaluate, judge, then reject or publish) and params.yaml's thresho
   the standing suite, not only for drift;
 - a candidate that reads only the subject (issue 2's design) is rejected for relation
   specificity, and each fact's pending reason names the answers it changed;
-- the default BaFT candidate does neither and passes.
+- a candidate that does neither passes: the default BaFT once issue 17 lands (until then
+  an expected failure, strict).
 
 The suite sizes are cut down from params.yaml's to keep the module near a minute or two a
 candidate; the thresholds are params.yaml's.
@@ -28,9 +29,9 @@ FEED = [  # subject, prompt, target: the whole of a feed's fact
     ("Toyota", "The country of origin of Toyota is", "Italy"),
     ("Pablo Picasso", "The place of birth of Pablo Picasso is", "Oslo"),
 ]
-# issue 2's design, kept selectable: weights read the subject alone and the edit is
-# written on every position after it
-SUBJECT_ONLY = {"edit": {"baft": {"read": "subject", "write": "after_subject"}}}
+# issue 2's design: weights read the subject alone and the edit is written on every position
+# after it. It is today's default; when issue 17 changes the default, pin it here.
+SUBJECT_ONLY: dict = {}
 
 
 def params_for(**over) -> dict:
@@ -81,6 +82,9 @@ def test_a_candidate_that_overwrites_its_subjects_is_rejected(tmp_path):
     assert any("damaged its subject" in pending[fid] for fid in damaged)
 
 
+@pytest.mark.xfail(strict=True, reason="issue 17: today's default BaFT reads the subject alone, so it "
+                   "overwrites its subjects' other relations (the test above); strict, so that the "
+                   "method's fix makes this fail until the marker goes")
 def test_the_default_candidate_passes(tmp_path):
     """Passing the gate; the publish that follows is the flow's (tests/test_pipeline.py)."""
     from tasks import publish as pub
