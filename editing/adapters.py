@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "adapter.safetensors"
 TENSORS = ("R", "W", "b", "G", "c", "center")
+QUERY_TENSORS = ("Q", "d", "qcenter")   # only in blocks trained with baft.query_gate (older sets have none)
 
 
 class AdapterError(ValueError):
@@ -261,7 +262,7 @@ class AdapterSet:
         out = {}
         for i, b in enumerate(self.blocks):
             for L, iv in b.interventions.items():
-                for name in TENSORS:
+                for name in TENSORS + (QUERY_TENSORS if iv.query else ()):
                     out[f"blocks.{i}.layers.{L}.{name}"] = getattr(iv, name).detach().cpu().contiguous()
             for L, lw in b.lora.items():
                 out[f"blocks.{i}.layers.{L}.lora_A"] = lw["A"].detach().cpu().contiguous()
@@ -341,9 +342,9 @@ class AdapterSet:
                     continue
                 g = meta["gate"]
                 iv = BaFTIntervention(g["hidden_size"], g["rank"], g["gated"], g["sharpness"], g["threshold"],
-                                      g.get("gate_layer"))
+                                      g.get("gate_layer"), g.get("query", False))
                 with torch.no_grad():
-                    for name in TENSORS:
+                    for name in TENSORS + (QUERY_TENSORS if iv.query else ()):
                         getattr(iv, name).copy_(tensors[prefix + name])
                 iv.requires_grad_(False)
                 block.interventions[L] = iv

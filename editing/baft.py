@@ -31,6 +31,16 @@ mentioned, in any wording, and stays shut for other subjects. With
 ``gated=False`` every s_k is 1 and the module is exactly LoReFT: that is the ReFT
 baseline of every benchmark.
 
+A subject gate alone opens on every question about the subject, so an edit of one
+of its facts overwrote the others. With ``query=True`` each basis has a second,
+per-position key read on h at the edit layer itself, where the last token carries
+the question (subject and relation) about to be answered:
+
+    s_k(t) = pooled subject weight_k(t) * sigmoid(q_k^T u'(h_t) + d_k)
+
+so the edit is written only where its own fact is being asked and answered, not on
+other relations of the subject, nor on the text after the answer.
+
 Blocks compose by stacking: a set of blocks at one layer is one BaFTIntervention
 whose rows are the concatenated rows of the blocks (see ``stack``), so inference
 costs the same few matmuls however many blocks there are.
@@ -45,14 +55,18 @@ from torch import nn
 # At inference a basis whose weight is below this everywhere in a call is skipped:
 # its term would change h by less than a millionth of its edit.
 INACTIVE = 1e-6
+# Per-basis tensors (one row per basis), as ``select`` and ``stack`` treat them.
+BASIS_TENSORS = ("R", "W", "b", "G", "c", "Q", "d")
 
 
 class BaFTIntervention(nn.Module):
     def __init__(self, hidden_size: int, rank: int, gated: bool = True,
-                 sharpness: float = 30.0, threshold: float = 0.8, gate_layer: int | None = None):
+                 sharpness: float = 30.0, threshold: float = 0.8, gate_layer: int | None = None,
+                 query: bool = False):
         super().__init__()
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         self.gate_layer = gate_layer if gated else None   # None: weights read h itself
+        self.query = bool(query) and gated                # a per-position question gate
         self.sharpness, self.threshold = float(sharpness), float(threshold)
         self.R = nn.Parameter(torch.empty(rank, hidden_size))   # basis rows r_k
         self.W = nn.Parameter(torch.zeros(rank, hidden_size))   # w_k
@@ -60,6 +74,9 @@ class BaFTIntervention(nn.Module):
         self.G = nn.Parameter(torch.zeros(rank, hidden_size))   # gate keys g_k
         self.c = nn.Parameter(torch.zeros(rank))                # gate biases c_k
         self.register_buffer("center", torch.zeros(hidden_size))  # m
+        self.Q = nn.Parameter(torch.zeros(rank, hidden_size))   # question keys q_k
+        self.d = nn.Parameter(torch.zeros(rank))                # question biases d_k
+        self.register_buffer("qcenter", torch.zeros(hidden_size))  # m at the edit layer
         nn.init.orthogonal_(self.R)
 
     # -- the mathematics ------------------------------------------------------
@@ -74,10 +91,16 @@ class BaFTIntervention(nn.Module):
         unit = F.normalize(h - self.center.to(h.dtype), dim=-1)
         return unit @ self.G.T.to(h.dtype) + self.c.to(h.dtype)
 
+    def query_logits(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """q_k^T u'(h) + d_k: (..., rank) the question gate before the sigmoid (``rows``: those bases only)."""
+        Q, d = (self.Q, self.d) if rows is None else (self.Q[rows], self.d[rows])
+        unit = F.normalize(h - self.qcenter.to(h.dtype), dim=-1)
+        return unit @ Q.T.to(h.dtype) + d.to(h.dtype)
+
     def forward(self, h: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Phi(h); ``weights`` are s(.) read elsewhere (a gate layer), else s(h)."""
         s = self.weights(h) if weights is None else weights
-        R, D, b = self.R, self._w_minus_r(), self.b
+        R, D, b, rows = self.R, self._w_minus_r(), self.b, None
         if self.gated and not torch.is_grad_enabled():
             # Inference: only bases open somewhere in this call do any work, so a set
             # of thousands of edits costs little more than its gate on unrelated text.
@@ -85,7 +108,9 @@ class BaFTIntervention(nn.Module):
             if len(active) == 0:
                 return h
             if len(active) < self.rank:
-                s, R, D, b = s[..., active], R[active], D[active], b[active]
+                s, R, D, b, rows = s[..., active], R[active], D[active], b[active], active
+        if self.query:
+            s = s * torch.sigmoid(self.query_logits(h, rows)).to(s.dtype)
         delta = h @ D.to(h.dtype).T + b.to(h.dtype)   # w^T h + b - r^T h
         return h + (s.to(h.dtype) * delta) @ R.to(h.dtype)
 
@@ -106,6 +131,12 @@ class BaFTIntervention(nn.Module):
         self.c.fill_(-self.sharpness * self.threshold)
 
     @torch.no_grad()
+    def init_query(self, keys: torch.Tensor, threshold: float) -> None:
+        """Open basis k's question gate on the edit-layer state keys[k] (its prompt's last token)."""
+        self.Q.copy_(self.sharpness * F.normalize(keys.to(self.Q) - self.qcenter, dim=-1))
+        self.d.fill_(-self.sharpness * threshold)
+
+    @torch.no_grad()
     def lower_gates(self, logits: float | torch.Tensor) -> None:
         """Move the gate biases down by ``logits`` (one figure, or one per basis):
         bases open later, on closer matches only."""
@@ -120,7 +151,8 @@ class BaFTIntervention(nn.Module):
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "rank": self.rank, "gated": self.gated,
-                "sharpness": self.sharpness, "threshold": self.threshold, "gate_layer": self.gate_layer}
+                "sharpness": self.sharpness, "threshold": self.threshold, "gate_layer": self.gate_layer,
+                "query": self.query}
 
     def extra_repr(self) -> str:
         kind = "BaFT" if self.gated else "ReFT"
@@ -129,25 +161,31 @@ class BaFTIntervention(nn.Module):
     def select(self, rows: torch.Tensor) -> "BaFTIntervention":
         """A copy keeping only the bases ``rows``: the others' terms are simply gone."""
         out = type(self)(self.hidden_size, len(rows), self.gated, self.sharpness, self.threshold,
-                         self.gate_layer)
+                         self.gate_layer, self.query)
         with torch.no_grad():
-            for name in ("R", "W", "b", "G", "c"):
+            for name in BASIS_TENSORS:
                 getattr(out, name).copy_(getattr(self, name)[rows.to(self.R.device)])
             out.center.copy_(self.center)
+            out.qcenter.copy_(self.qcenter)
         return out.requires_grad_(False).to(self.R.device)
 
     @classmethod
     def stack(cls, parts: list["BaFTIntervention"]) -> "BaFTIntervention":
         """One intervention equal to applying the sum of all parts' basis terms."""
+        asking = [p for p in parts if p.query]
         if len({(p.gated, p.gate_layer) for p in parts}) != 1 or \
-                any(not same_centre(p.center, parts[0].center) for p in parts):
+                any(not same_centre(p.center, parts[0].center) for p in parts) or \
+                any(not same_centre(p.qcenter, asking[0].qcenter) for p in asking):
             raise ValueError("cannot stack interventions with different gating or gate centres")
         first = parts[0]
         out = cls(first.hidden_size, sum(p.rank for p in parts), first.gated,
-                  first.sharpness, first.threshold, first.gate_layer)
+                  first.sharpness, first.threshold, first.gate_layer, bool(asking))
         with torch.no_grad():
-            for name in ("R", "W", "b", "G", "c"):
+            for name in BASIS_TENSORS:
                 getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))
+            if asking:   # bases of blocks without a question gate keep theirs open: sigmoid(50) = 1
+                out.d.copy_(torch.cat([p.d if p.query else torch.full_like(p.d, 50.0) for p in parts]))
+                out.qcenter.copy_(asking[0].qcenter)
             out.center.copy_(first.center)
         return out.to(first.R.device)
 

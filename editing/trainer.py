@@ -11,16 +11,28 @@ The loss is the edit loss (cross-entropy on the target tokens), plus a locality
 regulariser that pushes every basis weight toward 0 on the negatives and toward 1
 on its own fact's subject, plus BaFT's load-balancing loss over the bases.
 
+With ``baft.query_gate`` each basis also has a question gate (baft.py), trained open
+at its fact's answer positions and at its prompt with other subjects, and shut on the
+subject asked about other relations (``relation_swaps``, templates from
+data/probes/training-templates.yaml, never the gate's probes nor a benchmark's
+prompts), on other facts of the same subject and after the answer. With
+``chat_positives`` each prompt is also trained as a chat user message.
+
 Hidden states below the first intervened layer are frozen, so they are computed
 once and every step runs only the layers above it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +243,47 @@ def _negative_items(facts: list[Fact], swaps: int, rng: random.Random,
     return items
 
 
+TRAINING_TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "probes" / "training-templates.yaml"
+
+
+@functools.lru_cache(maxsize=4)
+def load_training_templates(path: str | Path = TRAINING_TEMPLATES) -> tuple[tuple[str, tuple, tuple], ...]:
+    """(relation, keywords, templates) of the relation-swap negatives (never the gate's probes)."""
+    with open(path, encoding="utf-8") as f:
+        relations = (yaml.safe_load(f) or {}).get("relations") or {}
+    return tuple((name, tuple(r.get("keywords") or ()), tuple(r["templates"])) for name, r in relations.items())
+
+
+def _asks(fact: Fact, keywords: tuple) -> bool:
+    """Whether the fact's relation (its ``relation`` field or its prompt less the subject) names a keyword."""
+    text = normalise(f"{fact.relation or ''} {fact.prompt.replace(fact.subject, ' ')}")
+    return any(re.search(rf"(?<!\w){re.escape(normalise(k))}(?!\w)", text) for k in keywords)
+
+
+def _relation_swap_items(facts: list[Fact], swaps: int, rng: random.Random, templates) -> tuple[list, list]:
+    """Each fact's subject asked about ``swaps`` other relations (templates), and per item the
+    facts whose question gates must stay shut on it: every fact of that subject whose own
+    relation the template does not ask."""
+    items, closes = [], []
+    subject = [normalise(f.subject) for f in facts]
+    for i, f in enumerate(facts):
+        other = [t for t in templates if not _asks(f, t[1])]
+        for _, keywords, texts in rng.sample(other, min(swaps, len(other))):
+            items.append((rng.choice(texts).format(subject=f.subject), None, f.subject, i))
+            closes.append([j for j, g in enumerate(facts) if subject[j] == subject[i] and not _asks(g, keywords)])
+    return items, closes
+
+
+def _chat_items(tokenizer, facts: list[Fact]) -> list[tuple]:
+    """Each prompt asked as a chat user message, answered by the target (what chat users see)."""
+    from .metrics import chat_prompts, has_chat_template
+
+    if not has_chat_template(tokenizer):
+        return []
+    return [(c, f.target_new, f.subject, i, "") for i, (f, c) in
+            enumerate(zip(facts, chat_prompts(tokenizer, [f.prompt for f in facts])))]
+
+
 def train_block(model, tokenizer, facts: list[Fact], params: dict,
                 existing: dict[int, nn.Module] | None = None, progress: bool = True,
                 earlier: list[Fact] = ()):
@@ -265,7 +318,10 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
     prefixes = model_prefixes(model, tokenizer, cfg["prefixes"], cfg["prefix_tokens"], params["seed"])
     with _attached(model, existing):
         continuations = _continuations(model, tokenizer, facts, cfg["continuation_tokens"])
-    pos = encode(tokenizer, _positive_items(facts, prefixes, continuations))
+    query = gated and bool(cfg.get("query_gate", False))
+    # Chat rows come last: the first n_facts * (1 + prefixes) rows stay each fact's prompt and its prefixed variants.
+    pos = encode(tokenizer, _positive_items(facts, prefixes, continuations)
+                 + (_chat_items(tokenizer, facts) if gated and cfg.get("chat_positives", False) else []))
     replay = list(earlier)
     if len(replay) > cfg.get("replay_negatives", 0):
         replay = rng.sample(replay, cfg.get("replay_negatives", 0))
@@ -280,16 +336,21 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
                                  for text in [p + " " + f.subject for p in prefixes] or [f.prompt]])
     # Frozen states, computed once: the residual at the first edit layer (the
     # trunk resumes from it) and at the key layer (the weights read it).
+    swaps, swap_closes = _relation_swap_items(facts, cfg.get("relation_swaps", 0), rng, load_training_templates()) \
+        if query else ([], [])
     with _attached(model, existing):
         (pos_h, pos_g), pos_next = residual_at(model, pos.ids, (start, key_layer), with_argmax=True)
-        neg_g = residual_at(model, neg.ids, (key_layer,))[0]
+        neg_h, neg_g = residual_at(model, neg.ids, (start, key_layer))
         anchor_g = residual_at(model, anchors.ids, (key_layer,))[0]
+        if swaps:
+            rel = encode(tokenizer, swaps)
+            rel_h = residual_at(model, rel.ids, (start,))[0]
 
     n_facts, per = len(facts), cfg["bases_per_edit"]
     rank = n_facts * per
     owner = torch.arange(n_facts).repeat_interleave(per)          # fact of each basis
     block = {L: BaFTIntervention(model.config.hidden_size, rank, gated, cfg["sharpness"],
-                                 cfg["threshold"], gate_layer).to(device) for L in layers}
+                                 cfg["threshold"], gate_layer, query).to(device) for L in layers}
     # Keys: the subject's last token behind the prefixes.
     subj = pos.subject_pos.clone()
     no_subject = subj < 0
@@ -308,6 +369,18 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
         iv.init_keys(keys)
         with torch.no_grad():
             iv.W.copy_(iv.R)  # Phi(h) = h at initialisation
+
+    if query:
+        # Question keys: each fact's prompt at its last token, at the (first) edit layer.
+        first_answer = pos.target_mask.long().argmax(1)
+        plain = torch.arange(n_facts) * (1 + len(prefixes))
+        qcenter = _text_center(model, tokenizer, start)
+        for iv in block.values():
+            iv.qcenter.copy_(qcenter)
+            iv.init_query(pos_h[plain, first_answer[plain]][owner], cfg.get("query_threshold", 0.6))
+        q_open, q_shut = _question_examples(pos, pos_h, neg, neg_h, swaps and (rel, rel_h, swap_closes),
+                                            facts, owner)
+        q_open, q_shut = [tuple(t.to(device) for t in x) for x in (q_open, q_shut)]
 
     pos_subj_g = pos_g[torch.arange(len(subj)), subj]
     neg_owner_mask = _negative_mask(neg, owner, device)
@@ -339,6 +412,13 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
                 state.weights = causal_pool(beside[L].weights(pos_g[rows, :width]), pos_valid[rows, :width])
 
         def forward_targets(rows):
+            # Two groups of similar lengths: chat and prefixed rows are longer, and
+            # padding every row of a step to the longest would cost its tokens again.
+            parts = [_forward_targets(g) for g in _length_groups(rows, pos.lengths[rows])]
+            logits, labels = (torch.cat([p[i] for p in parts]) for i in (0, 1))
+            return logits, labels, tuple(torch.cat([p[2][i] for p in parts]) for i in (0, 1))
+
+        def _forward_targets(rows):
             width = int(pos.lengths[rows].max())
             ids = pos.ids[rows, :width].to(device)
             pooled_weights(rows, width)
@@ -372,6 +452,12 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
                 usage = s_pos.mean(0)
                 balance = rank * ((usage / usage.sum().clamp_min(1e-6)) ** 2).sum() - 1
                 loss = loss + w["gate_positive"] * gate_pos + w["gate_negative"] * gate_neg + w["balance"] * balance
+                if query:
+                    # The question gate: open where its fact is asked (any subject: the relation
+                    # is what it reads), shut on the subject's other questions and after the answer.
+                    (h_open, m_open), (h_shut, m_shut) = q_open, q_shut
+                    loss = loss + w.get("query_positive", 0.1) * _bce(torch.sigmoid(iv.query_logits(h_open)), m_open, True) \
+                        + w.get("query_negative", 1.0) * _bce(torch.sigmoid(iv.query_logits(h_shut)), m_shut, False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -390,9 +476,53 @@ def train_block(model, tokenizer, facts: list[Fact], params: dict,
         for iv in block.values():
             iv.lower_gates(gate_shift(iv, pos_g[plain], pos.target_mask[plain], pos_valid[plain],
                                        owner, cfg.get("gate_margin", 0.0), cfg.get("gate_ceiling")))
+            if query:   # the same for the question gate, read at each prompt's first answer position
+                with torch.no_grad():
+                    z = iv.query_logits(pos_h[plain, first_answer[plain]].to(device))
+                    own = z[owner.to(z.device), torch.arange(iv.rank, device=z.device)]
+                    shift = torch.full_like(own, float(cfg.get("query_margin", 0.0)))
+                    if cfg.get("query_ceiling") is not None:
+                        shift = torch.maximum(shift, own - cfg["query_ceiling"])
+                    iv.d -= shift
     for iv in block.values():
         iv.requires_grad_(False)
     return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
+
+
+def _question_examples(pos: Encoded, pos_h, neg: Encoded, neg_h, swaps, facts: list[Fact], owner):
+    """Where each basis's question gate opens and where it stays shut, as
+    ((states, mask), (states, mask)): states (n, hidden) at the edit layer, mask (n, rank).
+
+    Open: the answer positions of its fact's positives, and the last token of its prompt
+    with other subjects (the same question about anyone). Shut, at every position after
+    the subject: its fact's rows outside the answer, the rows of other facts of the same
+    subject, and the subject asked about other relations (``swaps``)."""
+    subject = [normalise(f.subject) for f in facts]
+    same = torch.tensor([[a == b for b in subject] for a in subject])            # (n_facts, n_facts)
+    width = pos_h.shape[1]
+    after = (torch.arange(width)[None] > pos.subject_pos[:, None]) & (torch.arange(width) > 0) & \
+        (torch.arange(width)[None] < pos.lengths[:, None])
+    r, t = pos.target_mask.nonzero(as_tuple=True)
+    swapped = (neg.fact >= 0).nonzero().squeeze(1)
+    h_open = torch.cat([pos_h[r, t], neg_h[swapped, neg.lengths[swapped] - 1]])
+    fact_open = torch.cat([pos.fact[r], neg.fact[swapped]])
+    m_open = owner[None] == fact_open[:, None]
+    r, t = after.nonzero(as_tuple=True)
+    fi = pos.fact[r]
+    m_shut = same[fi][:, owner] & ((owner[None] != fi[:, None]) | ~pos.target_mask[r, t, None])
+    h_shut = [pos_h[r, t]]
+    m_shut = [m_shut]
+    if swaps:
+        rel, rel_h, closes = swaps
+        after = (torch.arange(rel_h.shape[1])[None] > rel.subject_pos[:, None]) & \
+            (torch.arange(rel_h.shape[1])[None] < rel.lengths[:, None])
+        r, t = after.nonzero(as_tuple=True)
+        shut = torch.zeros(len(closes), len(facts), dtype=torch.bool)
+        for k, js in enumerate(closes):
+            shut[k, js] = True
+        h_shut.append(rel_h[r, t])
+        m_shut.append(shut[r][:, owner])
+    return (h_open, m_open), (torch.cat(h_shut), torch.cat(m_shut))
 
 
 @torch.no_grad()
@@ -455,6 +585,18 @@ def _every_target_learned(forward_targets, n_rows: int, batch: int, min_prob: fl
         if (probs.gather(1, labels[:, None]) < min_prob).any() or (probs.argmax(-1) != labels).any():
             return False
     return True
+
+
+def _length_groups(rows: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """``rows`` in one or two groups by length, split where the padded tokens are fewest."""
+    order = lengths.argsort(stable=True)
+    rows, lengths = rows[order], lengths[order]
+    n = len(rows)
+    cost = [k * int(lengths[k - 1]) + (n - k) * int(lengths[-1]) for k in range(1, n)]
+    if not cost or min(cost) > 0.8 * n * int(lengths[-1]):
+        return [rows]
+    k = 1 + cost.index(min(cost))
+    return [rows[:k], rows[k:]]
 
 
 def _worst(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

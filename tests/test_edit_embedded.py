@@ -73,4 +73,4 @@ def test_benchmark_formats_are_read_as_they_are():
     assert cf[0].fact_id.startswith("cf-") and cf[0].rephrase_prompts and cf[0].locality
     raw = json.loads((ROOT / "data" / "samples" / "zsre-sample.json").read_text())[0]
     assert zs[0].prompt == raw["src"] and zs[0].target_new == raw["alt"]
-    assert zs[0].locality == [{"prompt": raw["loc"], "answer": raw["loc_ans"]}]
+    assert zs[0].locality == [{"prompt": raw["loc"], "answer": raw["loc_ans"], "kind": "Unrelated"}]
