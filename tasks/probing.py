@@ -160,6 +160,8 @@ def strict_checks(h: Home, params: dict, record: dict, new_items: list[dict], ca
         notes["relation_specificity"] = "no new edits"
     elif not settings.subject_probes:
         notes["relation_specificity"] = "gate.probes.subject_probes is 0"
+    elif not recorded:
+        notes["relation_specificity"] = "no subject probes were recorded before training (the probe step did not run)"
     elif not any(r["prompts"] for r in recorded):
         notes["relation_specificity"] = "no probe left: every template relation is the edited facts' own"
     if recorded and "relation_specificity" not in notes:
