@@ -1,9 +1,9 @@
 """The steps of a pipeline run, as plain functions (no Prefect; MLflow only to move and read
 the registry alias ``production``, which a promotion switches with the pointer).
 
-    ingest ─> new batches + pending facts ─> plan ─> train candidate ─> evaluate ─> gate
-                                                                      ├pass─> publish
-                                                                      └fail─> reject (facts pending)
+    ingest ─> new batches + pending facts ─> plan ─> probe the base ─> train candidate
+                                                           ─> evaluate ─> gate ├pass─> publish
+                                                                               └fail─> reject (facts pending)
 
 Steps hand each other an adapter *version* (``v7``); everything about a candidate lives in its
 record (``tasks.publish``), so a step can be redone from disk after a crash and nothing large
