@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from editing import AdapterSet, edit, load_model, load_params  # noqa: E402
 from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.evaluate import kind_keys  # noqa: E402
+from editing.evaluate import STRICT_METRICS, kind_keys  # noqa: E402
 from editing.facts import (CONTROL_KIND, KNOWEDIT_LOCALITY, KNOWEDIT_PORTABILITY,  # noqa: E402
                            FactError, PairSkipped, read_records, records_to_facts)
 
@@ -84,10 +84,10 @@ def load_dataset(name: str, data_dir: Path) -> list:
     return facts
 
 
-def run_one(model, tokenizer, facts, method, params, fluency_tokens):
+def run_one(model, tokenizer, facts, method, params, fluency_tokens, strict_tokens=0):
     """(means, seconds per edit, adapter bytes per edit) for one training run."""
     if method == "none":
-        result = evaluate_facts(model, tokenizer, facts, fluency_tokens=fluency_tokens)
+        result = evaluate_facts(model, tokenizer, facts, fluency_tokens=fluency_tokens, strict_tokens=strict_tokens)
         return result["means"], 0.0, 0
     p = dict(params["edit"], method=method)
     t0 = time.perf_counter()
@@ -95,7 +95,8 @@ def run_one(model, tokenizer, facts, method, params, fluency_tokens):
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         size = (adapter_set.save(Path(tmp) / "set") / "adapter.safetensors").stat().st_size
-    result = evaluate_facts(model, tokenizer, facts, attach=adapter_set.attach, fluency_tokens=fluency_tokens)
+    result = evaluate_facts(model, tokenizer, facts, attach=adapter_set.attach, fluency_tokens=fluency_tokens,
+                            strict_tokens=strict_tokens)
     return result["means"], seconds / len(facts), size / len(facts)
 
 
@@ -105,6 +106,8 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--methods", nargs="+", default=["none", "baft", "reft", "lora"])
     ap.add_argument("--singles", type=int, default=4, help="one-fact runs averaged for batch size 1")
+    ap.add_argument("--strict-tokens", type=int, default=24,
+                    help="new tokens of the strict (generation, chat, repetition) metrics; 0: not measured")
     ap.add_argument("--offset", type=int, default=0, help="first record used")
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     ap.add_argument("--model", default=None)
@@ -128,7 +131,8 @@ def main(argv=None):
         for size in args.sizes:
             runs = [facts[i:i + 1] for i in range(args.singles)] if size == 1 else [facts[:size]]
             for method in args.methods:
-                results = [run_one(model, tokenizer, run, method, params, fluency_tokens) for run in runs]
+                results = [run_one(model, tokenizer, run, method, params, fluency_tokens, args.strict_tokens)
+                           for run in runs]
                 means = row_means([r[0] for r in results])
                 row = {"dataset": dataset, "method": method, "batch": size, "edits": sum(map(len, runs)),
                        **means, "s_per_edit": mean(r[1] for r in results),
@@ -145,7 +149,7 @@ def main(argv=None):
 def row_means(results: list[dict]) -> dict:
     """The columns of one table row over its runs (several for batch size 1): each the mean of
     the runs that measured it, None where none did; extra columns only where some run has them."""
-    extra = [c for c in EXTRA + kind_keys(results) if any(r.get(c) is not None for r in results)]
+    extra = [c for c in EXTRA + STRICT_METRICS + kind_keys(results) if any(r.get(c) is not None for r in results)]
     out = {}
     for c in COLUMNS + tuple(extra):
         values = [r[c] for r in results if r.get(c) is not None]
@@ -238,8 +242,28 @@ def render(rows, args, params) -> str:
                     f"{f(r['generality'])} | {f(r['locality'])} | {f(r['exact_match'])} | {f(r['fluency'])} | "
                     + "".join(f"{f(r.get(c))} | " for c in extra)
                     + f"{f(mean(trio))} | {f(r['s_per_edit'], '{:.2f}')} | {f(r['bytes_per_edit'], '{:,.0f}')} |")
+    head += strict_table(rows)
     head += [""] + [f"- {n}" for n in args.note]
     return "\n".join(head) + "\n"
+
+
+def strict_table(rows) -> list[str]:
+    """What users see (editing/metrics.py, README "Metrics"): greedy generation and chat success
+    on the prompt and its rephrases, generation locality, and the share of continuations with a
+    repeated 3-gram beside the unedited model's on the same prompts."""
+    rows = [r for r in rows if any(r.get(c) is not None for c in STRICT_METRICS)]
+    if not rows:
+        return []
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+    out = ["", "Strict columns (greedy continuations; chat: through the model's chat template):", "",
+           "| dataset | method | batch | generation success | ... rephrase | chat success | ... rephrase "
+           "| generation locality | repetition | repetition, unedited |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['dataset']} | {r['method']} | {r['batch']} | "
+                   + " | ".join(f(r.get(c)) for c in STRICT_METRICS) + " |")
+    return out
 
 
 if __name__ == "__main__":

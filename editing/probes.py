@@ -138,22 +138,34 @@ def record_subject_probes(model, tokenizer, facts, k: int = 5, max_new_tokens: i
     probes = [{"fact_id": f.fact_id, "subject": f.subject,
                "prompts": subject_probes(f, templates, k, taken.get(normalise(f.subject), set()))}
               for f in facts]
-    texts = metrics.continuations(model, tokenizer, [p for r in probes for p in r["prompts"]],
-                                  max_new_tokens)
+    asked = [p for r in probes for p in r["prompts"]]
+    generated = metrics.greedy(model, tokenizer, asked, max_new_tokens)
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     at = 0
     for r in probes:
-        answered = [(p, short_answer(t)) for p, t in zip(r["prompts"], texts[at:at + len(r["prompts"])])]
-        at += len(r["prompts"])
-        r["prompts"] = [p for p, a in answered if a]
-        r["base"] = [a for _, a in answered if a]
+        m = len(r["prompts"])
+        answered = [(p, short_answer(t), g) for p, t, g in zip(r["prompts"], texts[at:at + m], generated[at:at + m])]
+        at += m
+        r["prompts"] = [p for p, a, _ in answered if a]
+        r["base"] = [a for _, a, _ in answered if a]
+        # The base's teacher-forced argmax on its own greedy answer is that answer's tokens,
+        # where the answer re-tokenises to a prefix of what was generated; else forced below.
+        r["base_argmax"] = [_greedy_prefix(tokenizer, p, a, g) for p, a, g in answered if a]
         r["max_new_tokens"] = max_new_tokens
-    pairs = [(p, a) for r in probes for p, a in zip(r["prompts"], r["base"])]
-    argmax = metrics.answer_argmax(model, tokenizer, pairs) if pairs else []
-    at = 0
-    for r in probes:
-        r["base_argmax"] = [pred for pred, _ in argmax[at:at + len(r["prompts"])]]
-        at += len(r["prompts"])
+    todo = [(r, i) for r in probes for i, ids in enumerate(r["base_argmax"]) if ids is None]
+    forced = metrics.answer_argmax(model, tokenizer, [(r["prompts"][i], r["base"][i]) for r, i in todo]) if todo else []
+    for (r, i), (pred, _) in zip(todo, forced):
+        r["base_argmax"][i] = pred
     return probes
+
+
+def _greedy_prefix(tokenizer, prompt: str, answer: str, generated: list[int]) -> list[int] | None:
+    """The answer's tokens (as ``metrics.answer_argmax`` tokenises prompt and answer) where
+    they are the start of the greedy ``generated`` ids, else None."""
+    p = tokenizer(prompt)["input_ids"]
+    full = tokenizer(prompt + " " + answer)["input_ids"]
+    tokens = full[len(p):]
+    return tokens if full[:len(p)] == p and generated[:len(tokens)] == tokens else None
 
 
 @contextmanager

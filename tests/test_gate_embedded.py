@@ -14,6 +14,7 @@ candidate; the thresholds are params.yaml's.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,19 @@ def params_for(**over) -> dict:
     return merge(merge(base, small), over)
 
 
+_RUNS: dict[str, tuple] = {}
+
+
 def run_candidate(tmp_path: Path, params: dict) -> tuple:
+    """Plan, probe, train, evaluate and judge the feed once per distinct ``params``: while
+    SUBJECT_ONLY is the default, two tests read the one run (the second only reads it)."""
+    key = json.dumps(params, sort_keys=True, default=str)
+    if key not in _RUNS:
+        _RUNS[key] = _run_candidate(tmp_path, params)
+    return _RUNS[key]
+
+
+def _run_candidate(tmp_path: Path, params: dict) -> tuple:
     from tasks import pipeline as steps
     from tasks.workspace import init_workspace
 

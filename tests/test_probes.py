@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editing import probes
+from editing import metrics, probes
 from editing.models import fingerprint
 from editing.facts import Fact, normalise
 from conftest import make_tiny_llama
@@ -96,6 +96,10 @@ def test_relation_specificity_is_one_unedited_and_zero_when_every_answer_changes
     assert [r["fact_id"] for r in recorded] == [f.fact_id for f in _facts()]
     assert all(len(r["prompts"]) == len(r["base"]) == len(r["base_argmax"]) for r in recorded)
     assert all(b and "\n" not in b for r in recorded for b in r["base"])     # one line, never empty
+    # read off the greedy ids where the answer re-tokenises to them: what teacher forcing gives
+    pairs = [(p, b) for r in recorded for p, b in zip(r["prompts"], r["base"])]
+    assert [x for r in recorded for x in r["base_argmax"]] == \
+        [pred for pred, _ in metrics.answer_argmax(tiny_model, tokenizer, pairs)]
 
     same = probes.relation_specificity(tiny_model, tokenizer, recorded)
     assert same["mean"] == 1.0
