@@ -16,17 +16,19 @@ def main():
     Engine:    ledit edit | eval | generate | adapter show/retract/drop-block/consolidate
     Data:      ledit init | submit | ingest | prepare
     Pipeline:  ledit run | serve | server | rollback | lineage | pending
+    Audit:     ledit why
     Demo:      ledit demo
     """
 
 
 def _register_command_groups():
-    from flows import cli_adapter, cli_edit, cli_ingest, cli_pipeline
+    from flows import cli_adapter, cli_audit, cli_edit, cli_ingest, cli_pipeline
 
     cli_edit.add_commands(main)
     cli_adapter.add_commands(main)
     cli_ingest.add_commands(main)
     cli_pipeline.add_commands(main)
+    cli_audit.add_commands(main)
 
 
 _register_command_groups()

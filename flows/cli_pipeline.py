@@ -232,29 +232,67 @@ def server_cmd(home, host, prefect_port, mlflow_port):
     h.mkdir(parents=True, exist_ok=True)
     (h / "mlartifacts").mkdir(exist_ok=True)
     procs = []
-    for name, cmd, env in server_commands(h, host, prefect_port, mlflow_port):
-        procs.append((name, subprocess.Popen(cmd, env=env)))
-    click.echo(f"Prefect UI  http://{host}:{prefect_port}   (export PREFECT_API_URL=http://{host}:{prefect_port}/api)")
-    click.echo(f"MLflow UI   http://{host}:{mlflow_port}   (export MLFLOW_TRACKING_URI=sqlite:///{h / 'mlflow.db'})")
-    click.echo("GPU hosts: prefect work-pool create gpu --type process; "
-               "prefect work-pool set-concurrency-limit gpu 1; prefect worker start --pool gpu")
+    # Each server in its own process group, so that stopping it stops what it started too
+    # (uvicorn workers, MLflow's job consumers); and on SIGTERM as on Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        for name, cmd, env in server_commands(h, host, prefect_port, mlflow_port):
+            procs.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
+        click.echo(f"Prefect UI  http://{host}:{prefect_port}   (export PREFECT_API_URL=http://{host}:{prefect_port}/api)")
+        click.echo(f"MLflow UI   http://{host}:{mlflow_port}   (export MLFLOW_TRACKING_URI=sqlite:///{h / 'mlflow.db'})")
+        click.echo("GPU hosts: prefect work-pool create gpu --type process; "
+                   "prefect work-pool set-concurrency-limit gpu 1; prefect worker start --pool gpu")
         while all(p.poll() is None for _, p in procs):
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for _, p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)    # a second SIGTERM must not cut the cleanup short
+        stop_process_groups([p for _, p in procs])
+        signal.signal(signal.SIGTERM, previous)
     failed = [(n, p.returncode) for n, p in procs if p.returncode not in (0, -signal.SIGINT, None)]
     if failed:
         _fail(", ".join(f"{n} exited with {rc}" for n, rc in failed))
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_process_groups(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGINT to each process's group (each was started with ``start_new_session``), then,
+    for a group still alive after ``timeout`` seconds, SIGKILL."""
+    def signal_group(p, sig):
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    for p in procs:
+        signal_group(p, signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    while time.monotonic() < deadline and any(_group_alive(p.pid) for p in procs):
+        time.sleep(0.2)                       # the leader is gone; its workers may still be ending
+    for p in procs:
+        if _group_alive(p.pid):
+            signal_group(p, signal.SIGKILL)
+        if p.poll() is None:
+            p.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 # -- rollback / lineage / pending --------------------------------------------------------------

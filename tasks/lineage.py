@@ -145,3 +145,70 @@ def markdown(info: dict) -> str:
         for reason in c["gate_reasons"]:
             lines.append(f"      rejected: {reason}")
     return "\n".join(lines)
+
+
+# -- from an answer back to its facts -------------------------------------------------------
+def why(prompt: str, *, adapter_dir=None, home=None, version: str | None = None,
+        max_new_tokens: int | None = None, threshold: float | None = None, model_and_tokenizer=None) -> dict:
+    """``ledit why``: the edited model's answer to ``prompt`` and every fact whose bases opened
+    on it (``editing.provenance.explain``), each with its lineage where a home is given.
+
+    ``max_new_tokens`` and ``threshold`` default to params.yaml ``audit``.
+    The adapter set is ``adapter_dir``, else ``version`` of ``home``'s published sets, else
+    its production. Returns explain's dict plus ``"adapter"`` (where the set came from) and,
+    per firing, ``"lineage"``: status, source file and line, batch tag, DVC md5, MLflow run,
+    registry version and the adapter version it is live in (None without a home)."""
+    from editing import load_model, load_params
+    from editing.adapters import AdapterSet
+    from editing.provenance import explain
+
+    h = as_home(home) if home is not None else None
+    if adapter_dir is not None:
+        adapter_set, where = AdapterSet.load(adapter_dir), str(adapter_dir)
+    elif h is None:
+        raise ValueError("give an adapter directory or a LEDIT_HOME")
+    else:
+        version = version or pub.production_version(h)
+        if version is None:
+            raise pub.PublishError(f"{h.root}: nothing has been promoted yet; give --version or --adapter")
+        adapter_set, where = pub.load_published(h, version), version
+    params = load_params()
+    model, tokenizer = model_and_tokenizer or load_model(adapter_set.base_model, dtype=params["model"]["dtype"])
+    audit = params["audit"]
+    out = explain(model, tokenizer, adapter_set, prompt,
+                  audit["answer_tokens"] if max_new_tokens is None else max_new_tokens,
+                  audit["fired_weight"] if threshold is None else threshold)
+    out["adapter"] = where
+    for firing in out["firings"]:
+        firing["lineage"] = _trail(lineage(h, firing["fact_id"])) if h is not None else None
+    return out
+
+
+def _trail(info: dict) -> dict:
+    """The lineage of one fired fact in one line's worth: its live (else latest) record and candidate."""
+    records, candidates = info["records"], info["candidates"]
+    record = next((r for r in records if r.get("status") == "live"), records[-1] if records else {})
+    candidate = next((c for c in reversed(candidates) if c["version"] == info["live_in"]),
+                     candidates[-1] if candidates else {})
+    return {"status": info["status"], "source_file": record.get("source_file"),
+            "source_line": record.get("source_line"), "batch": record.get("batch"),
+            "dvc_md5": record.get("dvc_md5"), "mlflow_run_id": candidate.get("mlflow_run_id"),
+            "model_version": candidate.get("model_version"), "live_in": info["live_in"]}
+
+
+def why_text(out: dict) -> str:
+    """``ledit why``'s readable answer."""
+    lines = [f"answer ({out['adapter']}): {out['prompt']}{out['answer']}"]
+    if not out["firings"]:
+        lines.append(f"no edit touched this input (no basis reached weight {out['threshold']})")
+        return "\n".join(lines)
+    lines.append(f"{len(out['firings'])} edit(s) fired (basis weight >= {out['threshold']}):")
+    for f in out["firings"]:
+        lines.append(f"  {f['fact_id']}  {f['subject']!r} -> {f['target_new']!r}  weight {f['weight']:.3f}, "
+                     f"opened at {f['token']!r} (token {f['position']}, {f['phase']})")
+        t = f.get("lineage")
+        if t:
+            lines.append(f"      {t['status']}; source {t['source_file']} line {t['source_line']}; batch {t['batch']} "
+                         f"(DVC md5 {t['dvc_md5']}); MLflow run {t['mlflow_run_id']}, registry version "
+                         f"{t['model_version']}; live in {t['live_in']}")
+    return "\n".join(lines)

@@ -43,6 +43,16 @@ def test_cli_edit_eval_generate(tmp_path):
     result = runner.invoke(main, ["generate", str(out), "The Eiffel Tower is located in the city of"])
     assert result.exit_code == 0, result.output
     assert "Rome" in result.stdout
+    # ledit why, both ways: the edited prompt names its fact, an unrelated one names none
+    eiffel = json.loads(facts.read_text())
+    result = runner.invoke(main, ["why", "--adapter", str(out), "--json", "The Eiffel Tower is located in the city of"])
+    assert result.exit_code == 0, result.output
+    fired = json.loads(result.stdout)["firings"]
+    assert [f["fact_id"] for f in fired] == [AdapterSet.load(out).fact_ids[0]]
+    assert fired[0]["subject"] == eiffel["subject"] and fired[0]["phase"] == "prompt"
+    result = runner.invoke(main, ["why", "--adapter", str(out), "The capital of Japan is"])
+    assert result.exit_code == 0, result.output
+    assert "no edit touched this input" in result.stdout
 
 
 def test_cli_edit_rejects_bad_records_and_writes_nothing(tmp_path):
