@@ -378,6 +378,15 @@ def test_cli_demo_run_json_lineage_pending_and_rollback(harness, tiny_dir, tmp_p
     info = json.loads(lin.stdout.strip().splitlines()[-1])
     assert info["status"] == "live" and info["records"][0]["source_file"].endswith("more.jsonl")
     assert runner.invoke(main, ["lineage", "--home", str(home), "no-such-fact"]).exit_code == 1
+    # ledit why from production, with each edit's lineage (threshold 0: every edit counts as fired)
+    why = runner.invoke(main, ["why", "--home", str(home), "--json", "--threshold", "0",
+                               "--max-new-tokens", "2", fact(7)["prompt"]])
+    assert why.exit_code == 0, why.output
+    answer = json.loads(why.stdout.strip().splitlines()[-1])
+    traced = {f["fact_id"]: f["lineage"] for f in answer["firings"]}
+    assert answer["adapter"] == "v2" and len(traced) == 9          # the 8 demo facts and fact 7
+    assert traced[fid]["status"] == "live" and traced[fid]["live_in"] == "v2"
+    assert traced[fid]["source_file"].endswith("more.jsonl") and traced[fid]["mlflow_run_id"] == out["mlflow_run_id"]
     pend = runner.invoke(main, ["pending", "--home", str(home), "--json"])
     assert json.loads(pend.stdout) == []
     back = runner.invoke(main, ["rollback", "--home", str(home), "v1", "--json"])
