@@ -173,7 +173,8 @@ def why(prompt: str, *, adapter_dir=None, home=None, version: str | None = None,
             raise pub.PublishError(f"{h.root}: nothing has been promoted yet; give --version or --adapter")
         adapter_set, where = pub.load_published(h, version), version
     params = load_params()
-    model, tokenizer = model_and_tokenizer or load_model(adapter_set.base_model, dtype=params["model"]["dtype"])
+    model, tokenizer = model_and_tokenizer or load_model(adapter_set.base_model or params["model"]["name"],
+                                                         dtype=params["model"]["dtype"])
     audit = params["audit"]
     out = explain(model, tokenizer, adapter_set, prompt,
                   audit["answer_tokens"] if max_new_tokens is None else max_new_tokens,
