@@ -199,7 +199,8 @@ def _trail(info: dict) -> dict:
 
 def why_text(out: dict) -> str:
     """``ledit why``'s readable answer."""
-    lines = [f"answer ({out['adapter']}): {out['prompt']}{out['answer']}"]
+    answer = " ".join(out["answer"].split())
+    lines = [f"prompt  {out['prompt']}", f"answer  {answer or '(nothing)'}   [adapter set {out['adapter']}]"]
     if not out["firings"]:
         lines.append(f"no edit touched this input (no basis reached weight {out['threshold']})")
         return "\n".join(lines)
@@ -208,7 +209,9 @@ def why_text(out: dict) -> str:
         lines.append(f"  {f['fact_id']}  {f['subject']!r} -> {f['target_new']!r}  weight {f['weight']:.3f}, "
                      f"opened at {f['token']!r} (token {f['position']}, {f['phase']})")
         t = f.get("lineage")
-        if t:
+        if t and t["status"] == "unknown":
+            lines.append("      no lineage: LEDIT_HOME has never seen this fact")
+        elif t:
             lines.append(f"      {t['status']}; source {t['source_file']} line {t['source_line']}; batch {t['batch']} "
                          f"(DVC md5 {t['dvc_md5']}); MLflow run {t['mlflow_run_id']}, registry version "
                          f"{t['model_version']}; live in {t['live_in']}")
