@@ -12,7 +12,8 @@ last prompt token can tell the two apart, by its centred cosine to the edit prom
 whose every positive is closer than every negative: what one threshold per fact needs.
 The negatives are cloze statements ("{subject}'s profession is"). Where the rephrases are
 questions (zsRE), the two differ in form as well as in relation, and the figure says only that
-questions are told from statements: an upper bound, not evidence about relations.
+questions are told from statements: an upper bound, not evidence about relations. Use
+``--negatives question`` there: the same relations asked as questions (QUESTIONS below).
 Writes bench/results/separability.md.
 """
 from __future__ import annotations
@@ -35,6 +36,17 @@ from editing import load_model  # noqa: E402
 from editing.trainer import _asks, _text_center, load_training_templates  # noqa: E402
 
 LAYERS = (4, 8, 12, 16, 20, 24, 28)
+# The training templates' relations asked as questions, for question-form facts (zsRE).
+QUESTIONS = {
+    "gender": "What is the gender of {subject}?", "birthplace": "Where was {subject} born?",
+    "birth date": "When was {subject} born?", "death": "Where did {subject} die?",
+    "citizenship": "Which country is {subject} a citizen of?", "country": "Which country is {subject} in?",
+    "occupation": "What is the occupation of {subject}?", "employer": "Who is the employer of {subject}?",
+    "education": "Where did {subject} study?", "language": "What language does {subject} speak?",
+    "family": "Who is the father of {subject}?", "spouse": "Who is the spouse of {subject}?",
+    "religion": "What is the religion of {subject}?", "team": "Which team does {subject} play for?",
+    "headquarters": "Where is {subject} headquartered?", "founding": "When was {subject} founded?",
+    "owner": "Who owns {subject}?", "creator": "Who created {subject}?"}
 
 
 @torch.no_grad()
@@ -48,17 +60,20 @@ def last_states(model, tokenizer, texts: list[str], layers) -> torch.Tensor:
     return torch.stack(out)
 
 
-def other_relations(fact, k: int = 4) -> list[str]:
+def other_relations(fact, k: int = 4, form: str = "cloze") -> list[str]:
     rng = random.Random(fact.subject)
-    other = [t for t in load_training_templates() if not _asks(fact, t[1])]
-    return [rng.choice(t[2]).format(subject=fact.subject) for t in rng.sample(other, min(k, len(other)))]
+    other = [t for t in load_training_templates() if not _asks(fact, t[1]) and (form == "cloze" or t[0] in QUESTIONS)]
+    chosen = rng.sample(other, min(k, len(other)))
+    if form == "question":
+        return [QUESTIONS[name].format(subject=fact.subject) for name, _, _ in chosen]
+    return [rng.choice(texts).format(subject=fact.subject) for _, _, texts in chosen]
 
 
-def measure(model, tokenizer, facts, layers) -> list[tuple[int, float, float, float, float]]:
+def measure(model, tokenizer, facts, layers, form: str = "cloze") -> list[tuple[int, float, float, float, float]]:
     centres = torch.stack([_text_center(model, tokenizer, L) for L in layers])
     pos, neg, separable, n = [[] for _ in layers], [[] for _ in layers], [0] * len(layers), 0
     for f in facts:
-        negatives = other_relations(f)
+        negatives = other_relations(f, form=form)
         if not (f.rephrase_prompts and negatives):
             continue
         n += 1
@@ -82,6 +97,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["counterfact", "knowedit-zsre"])
     ap.add_argument("--facts", type=int, default=40)
+    ap.add_argument("--negatives", choices=["cloze", "question"], default="cloze",
+                    help="the other relations as cloze statements (training templates) or as questions")
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "separability.md")
     args = ap.parse_args(argv)
@@ -92,13 +109,14 @@ def main(argv=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             facts = load_dataset(name, args.data_dir)[:args.facts]
-        rows, n = measure(model, tokenizer, facts, LAYERS)
-        lines += [f"## {name} ({n} facts)", "", "| layer | AUC | separable facts | mean cos, rephrases | "
+        rows, n = measure(model, tokenizer, facts, LAYERS, args.negatives)
+        lines += [f"## {name} ({n} facts; other relations as {args.negatives} negatives)", "", "| layer | AUC | separable facts | mean cos, rephrases | "
                   "mean cos, other relations |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {L} | {auc:.3f} | {sep:.2f} | {p:.2f} | {q:.2f} |" for L, auc, sep, p, q in rows]
         lines.append("")
-    lines.append("The negatives are cloze statements: where the rephrases are questions (zsRE) they differ in "
-                 "form as well as relation, so that figure is an upper bound (see the docstring).")
+    if args.negatives == "cloze":
+        lines.append("The negatives are cloze statements: where the rephrases are questions (zsRE) they differ "
+                     "in form as well as relation, so that figure is an upper bound (see the docstring).")
     text = "\n".join(lines) + "\n"
     write_atomic(args.out, text)
     print(text)
