@@ -248,7 +248,7 @@ def render(rows, args, params) -> str:
 
 
 def strict_table(rows) -> list[str]:
-    """What users see (editing/metrics.py, README "Metrics"): greedy generation and chat success
+    """What users see (editing/metrics.py; README, "Strict metrics"): greedy generation and chat success
     on the prompt and its rephrases, generation locality, and the share of continuations with a
     repeated 3-gram beside the unedited model's on the same prompts."""
     rows = [r for r in rows if any(r.get(c) is not None for c in STRICT_METRICS)]
