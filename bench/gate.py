@@ -4,7 +4,7 @@
     .venv/bin/python bench/gate.py --methods baft reft --n 100
     .venv/bin/python bench/gate.py --n 8 --out /tmp/gate.md   # a smoke check
 
-Each method's candidate goes through the pipeline's own steps (``tasks.pipeline``: plan,
+Each method's candidate goes through the pipeline's own steps (``tasks.pipeline.core``: plan,
 probe, train, evaluate, judge) in a fresh LEDIT_HOME, on facts given as a feed gives them:
 subject, prompt and new target only, no rephrases, no locality prompts. Then the same
 candidate is scored on the KnowEdit file's own Relation_Specificity and Forgetfulness pairs
@@ -47,9 +47,9 @@ def knowedit_scores(model, tokenizer, facts, candidate) -> dict:
 def run_method(method: str, facts, params: dict, work: Path) -> dict:
     from editing import AdapterSet
     from editing.params import merge
-    from tasks import pipeline as steps
-    from tasks import publish as pub
-    from tasks.workspace import init_workspace
+    from tasks.pipeline import core as steps
+    from tasks.pipeline import store as pub
+    from tasks.stream.workspace import init_workspace
 
     p = merge(params, {"edit": {"method": method}})
     h = init_workspace(work / f"home-{method}")

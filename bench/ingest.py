@@ -122,8 +122,8 @@ def child(home: str) -> None:
     sys.path.insert(0, str(ROOT))
     import polars  # noqa: F401  (the imports' share of the peak is reported apart)
 
-    from tasks import dedupe, ledger, sources, validate, version  # noqa: F401
-    from tasks.ingest import ingest
+    from tasks.stream import dedupe, ledger, sources, validate, version  # noqa: F401
+    from tasks.stream.ingest import ingest
 
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def main() -> int:
     home = Path(args.home or tmp)
     try:
         sys.path.insert(0, str(ROOT))
-        from tasks.workspace import init_workspace
+        from tasks.stream.workspace import init_workspace
 
         load0 = os.getloadavg()[0]
         h = init_workspace(home)

@@ -69,8 +69,8 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
 
     from editing.params import load_params, merge
     from flows.nightly import nightly_refresh
-    from tasks.sources import submit
-    from tasks.workspace import init_workspace
+    from tasks.stream.sources import submit
+    from tasks.stream.workspace import init_workspace
 
     records, source = pick_records(n_facts, start)
     over = {}
@@ -84,7 +84,7 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
     batch.write_text(json.dumps(records), encoding="utf-8")
     submit([batch], home)
 
-    from tasks import tracking
+    from tasks.pipeline import tracking
 
     t0 = time.perf_counter()
     flow(lambda: None, name="bench-warm-up")()             # starts the ephemeral Prefect API
@@ -93,8 +93,8 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
     t0 = time.perf_counter()
     result = nightly_refresh(home=str(home.root), params=params)
     wall = time.perf_counter() - t0
-    from tasks.gate import GATE_METRICS
-    from tasks.publish import read_record
+    from tasks.pipeline.gate import GATE_METRICS
+    from tasks.pipeline.store import read_record
 
     record = read_record(home, result["version"]) if result.get("version") else {}
     metrics = record.get("metrics") or {}

@@ -118,7 +118,7 @@ def input_classes() -> list[tuple[str, str, bytes]]:
 
 def bench_params(tmp: Path, tiny: str | None = None) -> Path:
     from editing.params import load_params, merge
-    from tasks.gate import open_thresholds
+    from tasks.pipeline.gate import open_thresholds
 
     over: dict = {"ingest": LIMITS}
     if tiny:
@@ -139,9 +139,9 @@ def bench_params(tmp: Path, tiny: str | None = None) -> Path:
 def run_inputs(tmp: Path) -> list[dict]:
     import polars as pl
 
-    from tasks.ingest import ingest, read_journal
-    from tasks.sources import submit
-    from tasks.workspace import init_workspace
+    from tasks.stream.ingest import ingest, read_journal
+    from tasks.stream.sources import submit
+    from tasks.stream.workspace import init_workspace
 
     os.environ["LEDIT_PARAMS"] = str(bench_params(tmp))
     home = init_workspace(tmp / "inputs-home")
@@ -220,7 +220,7 @@ class Site:
     """One LEDIT_HOME with a tiny model and its params, driven through the real CLI."""
 
     def __init__(self, tmp: Path, name: str):
-        from tasks.workspace import init_workspace
+        from tasks.stream.workspace import init_workspace
 
         self.tmp = tmp / name
         self.tmp.mkdir(parents=True)
@@ -261,10 +261,10 @@ class Site:
 
     def state(self) -> dict:
         """Production as a reader sees it, and the invariants."""
-        from tasks import ledger
-        from tasks import publish as pub
-        from tasks.ingest import read_journal
-        from tasks.pipeline import pending_facts, production_status, unprocessed_batches
+        from tasks.stream import ledger
+        from tasks.pipeline import store as pub
+        from tasks.stream.ingest import read_journal
+        from tasks.pipeline.core import pending_facts, production_status, unprocessed_batches
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{self.home.root / 'mlflow.db'}"
         try:
@@ -323,8 +323,8 @@ RUN_POINTS = ("during_training", "after_training", "during_evaluation", "after_e
 
 
 def run_kills(tmp: Path) -> list[dict]:
-    from tasks.ingest import read_journal
-    from tasks.sources import submit
+    from tasks.stream.ingest import read_journal
+    from tasks.stream.sources import submit
 
     rows = []
     site = Site(tmp, "kills")
@@ -388,7 +388,7 @@ def sqlite_locked(path: Path):
 
 
 def run_infra(tmp: Path) -> list[dict]:
-    from tasks.workspace import init_workspace
+    from tasks.stream.workspace import init_workspace
 
     site = Site(tmp, "infra")
     rows = []
@@ -451,7 +451,7 @@ def _yes(v) -> str:
 
 # -- load --------------------------------------------------------------------------------------------
 def run_load(tmp: Path, triggers: int = 5) -> dict:
-    from tasks import publish as pub
+    from tasks.pipeline import store as pub
 
     site = Site(tmp, "load")
     files = [site.facts_file() for _ in range(triggers)]

@@ -140,7 +140,7 @@ def subject_in_prompt(subject: str, prompt: str) -> bool:
 def text_problem(value) -> tuple[str, str] | None:
     """The first rule-2 problem of a text value as ``(reason, tag)``, or None for a good
     string; tags ``missing``, ``type``, ``empty``, ``long``, ``control``. Both validation
-    paths (``fact_from_record``, ``tasks.validate``) word their reasons with it."""
+    paths (``fact_from_record``, ``tasks.stream.validate``) word their reasons with it."""
     if value is None:
         return MISSING, "missing"
     if not isinstance(value, str):

@@ -5,7 +5,7 @@ One run, as the pipeline diagram in DESIGN.md draws it::
     inbox ─ingest (validate, dedupe, version with DVC)─> new batches + pending facts
       └─> probe the base ─> train a candidate on top of production ─> evaluate ─> MLflow ─> gate
             ├─pass─> registry version; published/<version>; pointer + alias production
-            │        switched under a promotion record (tasks.pipeline: recover finishes it)
+            │        switched under a promotion record (tasks.pipeline.core: recover finishes it)
             └─fail─> rejected version; production unchanged; facts pending with reasons
 
 Each flow takes ``home`` (LEDIT_HOME) and ``params`` (a whole params.yaml as a dict; None
@@ -18,9 +18,9 @@ import time
 
 from prefect import flow
 
-from tasks import pipeline_tasks as t
-from tasks.pipeline import as_home, failure_note, pipeline_lock, pipeline_params
-from tasks.publish import update_record
+from tasks.pipeline import tasks as t
+from tasks.pipeline.core import as_home, failure_note, pipeline_lock, pipeline_params
+from tasks.pipeline.store import update_record
 
 
 def _setup(home: str | None, params: dict | None) -> tuple[str, dict]:
@@ -116,7 +116,7 @@ def _refresh(home: str, params: dict, seen: dict, *, dry_run: bool, force: bool)
 
 def _abandon(home: str, version: str, run_id: str | None, exc: BaseException) -> None:
     """A failed run leaves production as it was; its record and MLflow run say why."""
-    from tasks.publish import production_version, read_promotion
+    from tasks.pipeline.store import production_version, read_promotion
 
     try:
         promotion = read_promotion(as_home(home))
@@ -125,7 +125,7 @@ def _abandon(home: str, version: str, run_id: str | None, exc: BaseException) ->
         update_record(as_home(home), version, status="abandoned",
                       abandoned_reason=f"{type(exc).__name__}: {exc}"[:2000])
         if run_id:
-            from tasks import tracking
+            from tasks.pipeline import tracking
             tracking.log_tags(tracking.client(as_home(home)), run_id,
                               {"ledit.status": "failed", "ledit.error": f"{type(exc).__name__}: {exc}"})
             tracking.end_run(as_home(home), run_id, "FAILED")

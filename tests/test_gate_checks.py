@@ -1,4 +1,4 @@
-"""The gate's checks on what users see (tasks/gate.py, tasks/probing.py), on a tiny model:
+"""The gate's checks on what users see (tasks/pipeline/gate.py, tasks/pipeline/probing.py), on a tiny model:
 thresholds and reasons, the standing suite versioned with DVC once per base model, and the
 pipeline steps that record probes before training and measure them after."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from editing.params import load_params, merge
-from tasks import probing
-from tasks.gate import CHECKS, GateConfigError, gate, markdown, open_thresholds
-from tasks.probing import ProbeConfigError, ProbeSettings
+from tasks.pipeline import probing
+from tasks.pipeline.gate import CHECKS, GateConfigError, gate, markdown, open_thresholds
+from tasks.pipeline.probing import ProbeConfigError, ProbeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"reliability": 1.0, "generality": 0.6, "retention": None, "locality": None, "drift": 0.01,
@@ -82,8 +82,8 @@ def test_probe_settings_are_checked(params):
 
 # -- the standing suite in the data workspace --------------------------------------------------------
 def test_standing_answers_are_recorded_once_and_versioned_with_dvc(tiny_model, tokenizer, tmp_path, params):
-    from tasks import version
-    from tasks.workspace import init_workspace
+    from tasks.stream import version
+    from tasks.stream.workspace import init_workspace
 
     h = init_workspace(tmp_path / "home")
     settings = ProbeSettings.from_params(merge(params, {"gate": {"probes": {"standing_size": 2,
@@ -106,8 +106,8 @@ def test_standing_answers_are_recorded_once_and_versioned_with_dvc(tiny_model, t
 
 def test_probe_then_strict_checks_on_a_candidate(tiny_dir, tmp_path, params):
     """The pipeline's steps: plan, probe (before training), train, evaluate with the checks."""
-    from tasks import pipeline as steps
-    from tasks.workspace import init_workspace
+    from tasks.pipeline import core as steps
+    from tasks.stream.workspace import init_workspace
 
     p = merge(params, {
         "model": {"name": str(tiny_dir), "dtype": "float32"},

@@ -54,8 +54,8 @@ def run_candidate(tmp_path: Path, params: dict) -> tuple:
 
 
 def _run_candidate(tmp_path: Path, params: dict) -> tuple:
-    from tasks import pipeline as steps
-    from tasks.workspace import init_workspace
+    from tasks.pipeline import core as steps
+    from tasks.stream.workspace import init_workspace
 
     h = init_workspace(tmp_path / "home")
     items = [{"fact": {"fact_id": f"feed-{i}", "subject": s, "prompt": p, "target_new": t},
@@ -81,7 +81,7 @@ def test_reft_is_rejected_for_the_standing_suite(tmp_path):
 
 
 def test_a_candidate_that_overwrites_its_subjects_is_rejected(tmp_path):
-    from tasks import pipeline as steps
+    from tasks.pipeline import core as steps
 
     h, version, evaluation, verdict = run_candidate(tmp_path, params_for(**SUBJECT_ONLY))
     assert not verdict["passed"]
@@ -100,7 +100,7 @@ def test_a_candidate_that_overwrites_its_subjects_is_rejected(tmp_path):
                    "method's fix makes this fail until the marker goes")
 def test_the_default_candidate_passes(tmp_path):
     """Passing the gate; the publish that follows is the flow's (tests/test_pipeline.py)."""
-    from tasks import publish as pub
+    from tasks.pipeline import store as pub
 
     h, version, evaluation, verdict = run_candidate(tmp_path, params_for())
     m = evaluation["metrics"]

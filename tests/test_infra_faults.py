@@ -29,7 +29,7 @@ fact, feed, fact_ids = tp.fact, tp.feed, tp.fact_ids
 @pytest.fixture(autouse=True)
 def no_retry_delays(monkeypatch):
     """The tasks these faults fail still retry, without their seconds of sleep."""
-    from tasks import pipeline_tasks as t
+    from tasks.pipeline import tasks as t
 
     for name in ("ingest_facts", "start_tracking"):
         monkeypatch.setattr(t, name, getattr(t, name).with_options(retry_delay_seconds=0))
@@ -44,7 +44,7 @@ def params(tiny_dir):
 @pytest.fixture(scope="module")
 def v1_home(mlflow_in_home, params, tmp_path_factory) -> Path:
     from flows.nightly import nightly_refresh
-    from tasks.workspace import init_workspace
+    from tasks.stream.workspace import init_workspace
 
     root = tmp_path_factory.mktemp("infra-v1") / "home"
     feed(init_workspace(root), root.parent, "day1.jsonl", [fact(1)])
@@ -56,7 +56,7 @@ def v1_home(mlflow_in_home, params, tmp_path_factory) -> Path:
 @pytest.fixture()
 def h(v1_home, tmp_path):
     """A private copy of the v1 home, its config and DVC remote pointed at the copy."""
-    from tasks.workspace import init_workspace
+    from tasks.stream.workspace import init_workspace
 
     dest = tmp_path / "home"
     skip = {"config.json", ".lock", ".pipeline.lock"}
@@ -71,8 +71,8 @@ def run(h, params):
 
 
 def assert_production_is_v1(h, params):
-    from tasks import publish as pub
-    from tasks import tracking
+    from tasks.pipeline import store as pub
+    from tasks.pipeline import tracking
 
     assert pub.production_version(h) == "v1"
     assert tracking.production_alias(h, params) == "1"
@@ -81,8 +81,8 @@ def assert_production_is_v1(h, params):
 
 def assert_waiting_for_training(h, failed_version: str, error: str):
     """fact(2) sits in an unprocessed batch; the failed candidate is abandoned, saying why."""
-    from tasks import pipeline as steps
-    from tasks import publish as pub
+    from tasks.pipeline import core as steps
+    from tasks.pipeline import store as pub
 
     (batch,) = steps.unprocessed_batches(h)
     items = steps.batch_edits(h, batch["tag"], batch["dvc_md5"])
@@ -94,11 +94,11 @@ def assert_waiting_for_training(h, failed_version: str, error: str):
 
 
 def assert_next_run_promotes_each_fact_once(h, params, batch: str | None = None):
-    from tasks import ledger
-    from tasks import pipeline as steps
-    from tasks import publish as pub
-    from tasks import tracking
-    from tasks.ingest import read_journal
+    from tasks.stream import ledger
+    from tasks.pipeline import core as steps
+    from tasks.pipeline import store as pub
+    from tasks.pipeline import tracking
+    from tasks.stream.ingest import read_journal
 
     s = run(h, params)
     assert s["status"] == "promoted", s
@@ -116,7 +116,7 @@ def assert_next_run_promotes_each_fact_once(h, params, batch: str | None = None)
 
 # -- MLflow --------------------------------------------------------------------------------
 def test_a_locked_mlflow_database_fails_the_run_before_training(h, params, tmp_path):
-    from tasks.tracking import TrackingUnavailable
+    from tasks.pipeline.tracking import TrackingUnavailable
 
     feed(h, tmp_path, "day2.jsonl", [fact(2)])
     db = h.root / "mlflow.db"
@@ -140,7 +140,7 @@ def test_a_locked_mlflow_database_fails_the_run_before_training(h, params, tmp_p
 
 
 def test_an_unreachable_mlflow_store_fails_the_run_before_training(h, params, tmp_path, monkeypatch):
-    from tasks.tracking import TrackingUnavailable
+    from tasks.pipeline.tracking import TrackingUnavailable
 
     feed(h, tmp_path, "day2.jsonl", [fact(2)])
     unmounted = tmp_path / "unmounted"
@@ -171,7 +171,7 @@ def test_mlflow_calls_name_an_outage_and_pass_other_errors_through(h, params, mo
     outage is never read as an answer (no alias), and MLflow's own errors are left as they are."""
     from mlflow.exceptions import MlflowException
 
-    from tasks import tracking
+    from tasks.pipeline import tracking
 
     with pytest.raises(MlflowException) as missing:             # the store is up: a real answer
         tracking.client(h).get_run("0" * 32)
@@ -190,12 +190,12 @@ def test_mlflow_calls_name_an_outage_and_pass_other_errors_through(h, params, mo
 
 # -- DVC -------------------------------------------------------------------------------------
 def test_an_unreachable_dvc_remote_keeps_the_batch_committed_for_the_next_run(h, params, tmp_path):
-    from tasks import pipeline as steps
-    from tasks import publish as pub
-    from tasks import version
-    from tasks.ingest import read_journal
-    from tasks.version import RemoteUnavailable
-    from tasks.workspace import init_workspace
+    from tasks.pipeline import core as steps
+    from tasks.pipeline import store as pub
+    from tasks.stream import version
+    from tasks.stream.ingest import read_journal
+    from tasks.stream.version import RemoteUnavailable
+    from tasks.stream.workspace import init_workspace
 
     remote = Path(h.config()["remote"])
     blocker = tmp_path / "nas"
@@ -228,10 +228,10 @@ def test_an_unreachable_dvc_remote_keeps_the_batch_committed_for_the_next_run(h,
 def test_a_full_disk_at_the_batch_write_or_the_adapter_write_loses_nothing(h, params, tmp_path, monkeypatch):
     import polars as pl
 
-    from tasks import publish as pub
-    from tasks import version
+    from tasks.pipeline import store as pub
+    from tasks.stream import version
     from tasks.faults import FAULT_ENV
-    from tasks.ingest import read_journal
+    from tasks.stream.ingest import read_journal
 
     tags_before = version.tags(h.workspace)
     feed(h, tmp_path, "day2.jsonl", [fact(2)])
@@ -304,9 +304,9 @@ def test_an_adapter_save_on_a_full_disk_leaves_the_old_set_and_no_temp_files(tmp
 def test_a_real_full_disk_in_the_batch_write_leaves_no_partial_file(tmp_path, monkeypatch):
     import polars as pl
 
-    from tasks.ingest import ingest, read_journal
-    from tasks.sources import submit
-    from tasks.workspace import init_workspace
+    from tasks.stream.ingest import ingest, read_journal
+    from tasks.stream.sources import submit
+    from tasks.stream.workspace import init_workspace
 
     h = init_workspace(tmp_path / "home")
     src = tmp_path / "a.jsonl"

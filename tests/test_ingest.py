@@ -15,11 +15,11 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from flows.cli_ingest import data_main
-from tasks import ledger, version
-from tasks.ingest import FAULT_ENV, InjectedFault, ingest, read_journal
-from tasks.sources import list_inbox, submit
-from tasks.workspace import Home, init_workspace
+from flows.cli.ingest import data_main
+from tasks.stream import ledger, version
+from tasks.stream.ingest import FAULT_ENV, InjectedFault, ingest, read_journal
+from tasks.stream.sources import list_inbox, submit
+from tasks.stream.workspace import Home, init_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
@@ -275,7 +275,7 @@ def test_crash_between_steps_is_finished_by_the_next_ingest(home, point):
 
 
 def _cli(home: Home, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "flows.cli_ingest", *args, "--home",
+    return subprocess.run([sys.executable, "-m", "flows.cli.ingest", *args, "--home",
                            str(home.root)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
@@ -299,7 +299,7 @@ def test_cli_crash_after_commit_then_recovery_reports_json(home):
 def test_two_ingests_at_once_do_not_corrupt(home):
     for k in range(3):
         put(home, f"f{k}.jsonl", [fact(10 * k + i) for i in range(10)] + [fact(0)])
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli_ingest", "ingest", "--json",
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli.ingest", "ingest", "--json",
                                "--home", str(home.root)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(2)]
@@ -351,19 +351,19 @@ def test_cli_init_submit_ingest(tmp_path, home):
 
 
 def test_plain_functions_run_without_prefect_and_wrap_as_tasks(home):
-    code = ("import sys, tasks.ingest, tasks.sources, tasks.validate, tasks.dedupe, "
-            "tasks.ledger, tasks.version, tasks.prepare, tasks.workspace, flows.cli_ingest; "
+    code = ("import sys, tasks.stream.ingest, tasks.stream.sources, tasks.stream.validate, tasks.stream.dedupe, "
+            "tasks.stream.ledger, tasks.stream.version, tasks.stream.prepare, tasks.stream.workspace, flows.cli.ingest; "
             "sys.exit('prefect' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
-    from tasks.prefect_tasks import ingest_task, mark_applied_task
+    from tasks.stream.tasks import ingest_task, mark_applied_task
 
     put(home, "a.jsonl", [fact(1)])
     out = ingest_task.fn(str(home.root))             # the plain function, no server
     assert out["accepted"] == 1 and out["batch"]
     assert mark_applied_task.fn([("f-x", "y")], home=str(home.root)) == 1
-    from tasks.ingest import status
+    from tasks.stream.ingest import status
 
     st = status(home)
     assert st["batches"] == [out["batch"]] and st["pending_run"] is None
@@ -371,7 +371,7 @@ def test_plain_functions_run_without_prefect_and_wrap_as_tasks(home):
 
 
 def test_ledit_group_has_the_data_commands():
-    pytest.importorskip("flows.cli_edit")
+    pytest.importorskip("flows.cli.edit")
     from flows.cli import main
 
     assert {"init", "submit", "ingest", "prepare"} <= set(main.commands)

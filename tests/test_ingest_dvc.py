@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from editing.facts import fact_from_record
-from tasks import prepare, version
-from tasks.ingest import ingest
-from tasks.sources import submit
-from tasks.workspace import init_workspace
+from tasks.stream import prepare, version
+from tasks.stream.ingest import ingest
+from tasks.stream.sources import submit
+from tasks.stream.workspace import init_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,14 +144,14 @@ def test_prepare_cli_and_module_entry(versions, tmp_path):
     h, r1, _ = versions
     out = tmp_path / "f.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "tasks.prepare", "facts", "--home", str(h.root),
+    run = subprocess.run([sys.executable, "-m", "tasks.stream.prepare", "facts", "--home", str(h.root),
                           "--tag", r1.batch, "--out", str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["facts"] == 3 and len(out.read_text().splitlines()) == 3
     log = tmp_path / "eval.log"
     log.write_text("progress...\n{\"reliability\": 1.0, \"locality\": 0.9}\n")
-    run = subprocess.run([sys.executable, "-m", "tasks.prepare", "last-json", str(log),
+    run = subprocess.run([sys.executable, "-m", "tasks.stream.prepare", "last-json", str(log),
                           str(tmp_path / "m.json")], cwd=ROOT, env=env, capture_output=True,
                          text=True)
     assert run.returncode == 0 and json.loads((tmp_path / "m.json").read_text()) == {

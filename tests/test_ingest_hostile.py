@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 import yaml
 
-from tasks import ledger, sources
-from tasks.ingest import FAULT_ENV, ingest, read_journal
-from tasks.sources import ReadLimits
+from tasks.stream import ledger, sources
+from tasks.stream.ingest import FAULT_ENV, ingest, read_journal
+from tasks.stream.sources import ReadLimits
 from test_ingest import (_cli, assert_consistent, balanced, batch_frame, fact, home,  # noqa: F401
                          home_template, put)
 

@@ -1,6 +1,6 @@
 """Rules against hostile fact records (the fact_id charset, the subject in its prompt, control
 and bidirectional characters), each on both paths: ``editing.facts.fact_from_record`` and the
-vectorised ``tasks.validate``, which must give the same field and the same reason."""
+vectorised ``tasks.stream.validate``, which must give the same field and the same reason."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ import pytest
 
 from editing.facts import (CONTROL_CHARS, CONTROL_KIND, FACT_ID_PATTERN, NOOP, SUBJECT_KIND,
                            FactError, PairSkipped, fact_from_record, fact_key, records_to_facts)
-from tasks import validate
+from tasks.stream import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"

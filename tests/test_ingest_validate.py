@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from editing.facts import FactError, FORMATS, detect_format, fact_from_record, fact_key, normalise
-from tasks import sources, validate
+from tasks.stream import sources, validate
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)

@@ -40,8 +40,8 @@ def v1_template(mlflow_in_home, params, tmp_path_factory) -> Path:
     """A home where fact(1) is promoted as v1 and fact(2) is accepted, in a batch no run has
     processed yet (ingested here once, rather than by every killed run)."""
     from flows.nightly import nightly_refresh
-    from tasks.ingest import ingest
-    from tasks.workspace import init_workspace
+    from tasks.stream.ingest import ingest
+    from tasks.stream.workspace import init_workspace
 
     root = tmp_path_factory.mktemp("kill-v1") / "home"
     h = init_workspace(root)
@@ -54,7 +54,7 @@ def v1_template(mlflow_in_home, params, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def empty_template(tmp_path_factory) -> Path:
-    from tasks.workspace import init_workspace
+    from tasks.stream.workspace import init_workspace
 
     root = tmp_path_factory.mktemp("kill-empty") / "home"
     init_workspace(root)
@@ -63,7 +63,7 @@ def empty_template(tmp_path_factory) -> Path:
 
 def copy_home(template: Path, dest: Path):
     """A copy of a prepared home; config and DVC remote are pointed at the copy."""
-    from tasks.workspace import init_workspace
+    from tasks.stream.workspace import init_workspace
 
     top = {"config.json", ".lock", ".pipeline.lock"}     # locks and paths of the template
     shutil.copytree(template, dest, symlinks=True,
@@ -104,8 +104,8 @@ INGEST_KILLS = {   # fault point: the journal phase it leaves behind, and whethe
 def test_an_ingest_killed_at_each_step_is_finished_by_the_next(empty_template, tmp_path, point):
     import polars as pl
 
-    from tasks import ledger, version
-    from tasks.ingest import ingest, read_journal
+    from tasks.stream import ledger, version
+    from tasks.stream.ingest import ingest, read_journal
 
     h = copy_home(empty_template, tmp_path / "home")
     accepted = [fact(i) for i in range(4)]
@@ -141,12 +141,12 @@ BEFORE_SWITCH = ("during_evaluation", "after_mlflow_log", "after_register")
 
 
 def live_ids(h, version):
-    from tasks import publish as pub
+    from tasks.pipeline import store as pub
     return sorted(pub.load_published(h, version).fact_ids)
 
 
 def applied_ids(h, op="upsert"):
-    from tasks import ledger
+    from tasks.stream import ledger
     applied = ledger.applied_edits(h)
     return sorted(applied.filter(applied["op"] == op)["fact_id"])
 
@@ -157,9 +157,10 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
     import yaml
 
     from flows.nightly import nightly_refresh
-    from tasks import publish as pub
-    from tasks import tracking, version
-    from tasks.pipeline import production_status, read_state
+    from tasks.pipeline import store as pub
+    from tasks.pipeline import tracking
+    from tasks.stream import version
+    from tasks.pipeline.core import production_status, read_state
 
     h = copy_home(v1_template, tmp_path / "home")
     params_file = tmp_path / "params.yaml"
@@ -216,7 +217,7 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
 _START_THEN_DIE = """
 import os, signal, sys
 from pathlib import Path
-from flows.cli_pipeline import prepare_env, start_prefect_api
+from flows.cli.pipeline import prepare_env, start_prefect_api
 home = Path(sys.argv[1])
 prepare_env(home)
 start_prefect_api(home)

@@ -16,8 +16,8 @@ from editing import metrics
 from editing.evaluate import evaluate_facts, kind_keys
 from editing.facts import (DEFAULT_KIND, NO_ALIAS, Fact, FactError, PairSkipped, detect_format,
                            fact_from_record, load_facts, read_records, records_to_facts)
-from tasks import sources, validate
-from tasks.prepare import FACT_FIELDS
+from tasks.stream import sources, validate
+from tasks.stream.prepare import FACT_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
@@ -268,7 +268,7 @@ def test_batches_written_before_kinds_still_read(tmp_path):
 
 
 def test_the_edit_and_eval_commands_read_the_samples_as_they_are():
-    from tasks.edit import read_facts
+    from flows.cli.steps import read_facts
 
     notes: list[str] = []
     with warnings.catch_warnings():

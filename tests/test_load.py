@@ -30,9 +30,9 @@ def _env(tmp_path: Path, params: dict) -> dict:
 
 
 def test_five_triggers_at_once_are_serialised_and_apply_each_edit_once(tiny_dir, tmp_path):
-    from tasks import ledger
-    from tasks import publish as pub
-    from tasks.workspace import init_workspace
+    from tasks.stream import ledger
+    from tasks.pipeline import store as pub
+    from tasks.stream.workspace import init_workspace
 
     home = init_workspace(tmp_path / "home")
     params = make_params(tiny_dir, "load")

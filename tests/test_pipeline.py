@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from editing.params import load_params, merge
-from tasks.gate import open_thresholds
+from tasks.pipeline.gate import open_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
 OPEN_GATE = {**open_thresholds(),
@@ -55,7 +55,7 @@ def fact(i: int, **kw) -> dict:
 
 
 def feed(h, tmp: Path, name: str, records: list[dict]) -> None:
-    from tasks.sources import submit
+    from tasks.stream.sources import submit
 
     src = tmp / name
     src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -64,7 +64,7 @@ def feed(h, tmp: Path, name: str, records: list[dict]) -> None:
 
 @pytest.fixture()
 def home(tmp_path):
-    from tasks.workspace import init_workspace
+    from tasks.stream.workspace import init_workspace
     return init_workspace(tmp_path / "home")
 
 
@@ -78,8 +78,9 @@ def test_nightly_refresh_promotes_end_to_end(harness, tiny_dir, home, tmp_path):
     from editing import AdapterSet
     from flows.nightly import nightly_refresh
     from prefect.artifacts import Artifact
-    from tasks import ledger, tracking
-    from tasks import publish as pub
+    from tasks.stream import ledger
+    from tasks.pipeline import tracking
+    from tasks.pipeline import store as pub
 
     params = make_params(tiny_dir, "e2e", log_pyfunc=True)
     records = [fact(1), fact(2)]
@@ -137,10 +138,11 @@ def test_reject_keeps_production_then_pending_facts_retry_lineage_and_rollback(h
     from prefect.artifacts import Artifact
 
     from flows.nightly import nightly_refresh, rollback
-    from tasks import ledger, tracking
-    from tasks import publish as pub
-    from tasks.lineage import lineage
-    from tasks.pipeline import PipelineError, pending_facts
+    from tasks.stream import ledger
+    from tasks.pipeline import tracking
+    from tasks.pipeline import store as pub
+    from tasks.pipeline.lineage import lineage
+    from tasks.pipeline.core import PipelineError, pending_facts
 
     params = make_params(tiny_dir, "reject")
     feed(home, tmp_path, "day1.jsonl", [fact(1)])
@@ -211,8 +213,8 @@ def test_reject_keeps_production_then_pending_facts_retry_lineage_and_rollback(h
 # -- reliability --------------------------------------------------------------------------------
 def test_concurrent_triggers_are_serialised_and_apply_each_edit_once(harness, tiny_dir, home, tmp_path):
     from flows.nightly import nightly_refresh
-    from tasks import ledger
-    from tasks import publish as pub
+    from tasks.stream import ledger
+    from tasks.pipeline import store as pub
 
     params = make_params(tiny_dir, "concurrent")
     records = [fact(1), fact(2)]
@@ -242,9 +244,10 @@ def test_concurrent_triggers_are_serialised_and_apply_each_edit_once(harness, ti
 def test_a_crash_leaves_production_untouched_and_the_next_run_applies_each_edit_once(
         harness, tiny_dir, home, tmp_path, monkeypatch):
     from flows.nightly import nightly_refresh
-    from tasks import ledger, tracking
-    from tasks import publish as pub
-    from tasks.pipeline import FAULT_ENV, InjectedFault
+    from tasks.stream import ledger
+    from tasks.pipeline import tracking
+    from tasks.pipeline import store as pub
+    from tasks.pipeline.core import FAULT_ENV, InjectedFault
 
     params = make_params(tiny_dir, "crash")
     feed(home, tmp_path, "day1.jsonl", [fact(1)])
@@ -297,8 +300,8 @@ def test_a_process_killed_during_training_leaves_production_and_the_next_run_red
     from prefect.settings import PREFECT_API_URL
 
     from flows.nightly import nightly_refresh
-    from tasks import ledger
-    from tasks import publish as pub
+    from tasks.stream import ledger
+    from tasks.pipeline import store as pub
 
     params = make_params(tiny_dir, "kill")
     feed(home, tmp_path, "day1.jsonl", [fact(1)])
@@ -324,7 +327,7 @@ def test_a_process_killed_during_training_leaves_production_and_the_next_run_red
 def test_a_corrupted_published_adapter_is_refused(harness, tiny_dir, home, tmp_path):
     from editing import AdapterError
     from flows.nightly import nightly_refresh, rollback
-    from tasks import publish as pub
+    from tasks.pipeline import store as pub
 
     params = make_params(tiny_dir, "corrupt")
     feed(home, tmp_path, "day1.jsonl", [fact(1)])
@@ -401,8 +404,8 @@ def test_a_batch_record_todays_rules_refuse_is_skipped_not_fatal(tiny_dir, home,
     """A batch ingested under older rules may hold a record the current rules refuse: that
     record is skipped with its reason, and the rest of the batch is planned."""
     import editing.facts as facts_module
-    from tasks.ingest import ingest
-    from tasks.pipeline import batch_edits, plan, unprocessed_batches
+    from tasks.stream.ingest import ingest
+    from tasks.pipeline.core import batch_edits, plan, unprocessed_batches
 
     feed(home, tmp_path, "day1.jsonl", [fact(1), fact(2)])
     ingest(home)
@@ -425,7 +428,7 @@ def test_a_batch_record_todays_rules_refuse_is_skipped_not_fatal(tiny_dir, home,
 
 
 def test_gate_thresholds_and_reasons():
-    from tasks.gate import GateConfigError, gate
+    from tasks.pipeline.gate import GateConfigError, gate
 
     params = load_params(ROOT / "params.yaml")
     good = {"reliability": 1.0, "generality": 0.6, "retention": None, "locality": 0.95, "drift": 0.01}
@@ -461,7 +464,7 @@ def test_prefect_yaml_deploys_the_flows_on_a_gpu_pool():
 
 
 def test_server_commands_listen_on_localhost_with_sqlite_under_home(tmp_path):
-    from flows.cli_pipeline import server_commands
+    from flows.cli.pipeline import server_commands
 
     (prefect_name, prefect, env), (mlflow_name, mlflow, _) = server_commands(tmp_path)
     assert prefect[1:3] == ["server", "start"] and prefect[prefect.index("--host") + 1] == "127.0.0.1"
@@ -476,9 +479,9 @@ def test_nightly_on_the_embedded_model_runs_the_default_gate(harness, tmp_path):
     edits hold; every check is measured or says why not, and the verdict follows the checks.
     (Whether today's default BaFT passes is tests/test_gate_embedded.py's question.)"""
     from flows.nightly import nightly_refresh
-    from tasks.gate import GATE_METRICS
-    from tasks.sources import submit
-    from tasks.workspace import init_workspace
+    from tasks.pipeline.gate import GATE_METRICS
+    from tasks.stream.sources import submit
+    from tasks.stream.workspace import init_workspace
 
     params = merge(load_params(ROOT / "params.yaml"),
                    {"pipeline": {"experiment": "exp-embedded", "registered_model": "model-embedded"}})

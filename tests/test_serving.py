@@ -14,8 +14,8 @@ import pytest
 
 from conftest import make_tiny_llama
 from editing import AdapterError, Fact, edit, load_model, load_params
-from tasks.edit import generate_with_adapter_set
-from tasks.serving import AdapterSetModel, log_pyfunc_model
+from flows.cli.steps import generate_with_adapter_set
+from tasks.pipeline.serving import AdapterSetModel, log_pyfunc_model
 
 FACTS = [Fact(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new="English"),
          Fact(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target_new="piano")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editing import AdapterError, AdapterSet, Fact, edit, load_model, load_params
-from tasks.shards import compose, load_shard, split_into_shards, train_shard, train_shards
+from tasks.pipeline.shards import compose, load_shard, split_into_shards, train_shard, train_shards
 
 PICASSO = Fact(subject="Pablo Picasso", prompt="Pablo Picasso was a", target_new="chef")
 MESSI = Fact(subject="Lionel Messi", prompt="Lionel Messi plays for", target_new="Chelsea")

@@ -4,7 +4,7 @@ The thresholds are the ``gate`` section of params.yaml. A metric that could not 
 (no new upsert, no previously live fact, no locality prompt, no chat template) is reported
 as not measured, with why, and does not block; every other check compares one number
 against one threshold. The checks on what users see (relation specificity, the standing
-suite, chat success, repetition) need nothing from the facts: ``tasks.probing`` measures
+suite, chat success, repetition) need nothing from the facts: ``tasks.pipeline.probing`` measures
 them every night.
 """
 from __future__ import annotations

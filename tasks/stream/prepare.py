@@ -6,8 +6,8 @@ alone. ``scope='batch'`` gives that batch's facts; ``scope='cumulative'`` gives 
 every fact as of the tag (all batches up to it, the latest version of each fact, retracted
 facts removed), which is what rebuilding a whole adapter set needs.
 
-Run as ``ledit prepare`` or ``python -m tasks.prepare facts ...``;
-``python -m tasks.prepare last-json LOG OUT`` turns a command's output whose last line is
+Run as ``ledit prepare`` or ``python -m tasks.stream.prepare facts ...``;
+``python -m tasks.stream.prepare last-json LOG OUT`` turns a command's output whose last line is
 a JSON object (``ledit eval --json``) into a metrics file.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from tasks.workspace import Home, atomic_write_bytes, atomic_write_json
+from tasks.stream.workspace import Home, atomic_write_bytes, atomic_write_json
 
 FACT_FIELDS = ("subject", "prompt", "target_new", "fact_id", "relation", "target_old",
                "rephrase_prompts", "locality", "portability", "source", "observed_at", "op")
@@ -34,7 +34,7 @@ def _tag_key(tag: str):
 
 def batch_tags(home: str | os.PathLike | Home | None = None) -> list[str]:
     """Every batch tag of the workspace, oldest first."""
-    from tasks import version
+    from tasks.stream import version
 
     h = home if isinstance(home, Home) else Home.at(home)
     return sorted(version.tags(h.workspace), key=_tag_key)
@@ -66,7 +66,7 @@ def read_batch(home: Home, tag: str, rel: str | None = None):
 
 def batches_at(home: Home, tag: str) -> list[str]:
     """Paths of the batch files tracked at revision ``tag``, oldest first."""
-    from tasks import version
+    from tasks.stream import version
 
     out = version.git(home.workspace, "ls-tree", "--name-only", tag, "batches/").stdout.split()
     rels = [p[:-len(".dvc")] for p in out if p.endswith(".parquet.dvc")]
@@ -120,7 +120,7 @@ def prepare_facts(home: str | os.PathLike | Home | None = None, tag: str | None 
 
 def last_json(log: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Copy the JSON object on the last non-empty line of ``log`` into ``out``."""
-    from tasks.ingest import last_json_line
+    from tasks.stream.ingest import last_json_line
 
     obj = last_json_line(Path(log).read_text(encoding="utf-8"))
     atomic_write_json(out, obj)
@@ -128,7 +128,7 @@ def last_json(log: str | os.PathLike, out: str | os.PathLike) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tasks.stream.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("facts", help="write the facts of a tagged data version as JSONL")

@@ -1,8 +1,8 @@
-"""Prefect tasks for the pipeline: thin wrappers over ``tasks.pipeline`` (the steps),
-``tasks.tracking`` (MLflow) and ``tasks.publish``, plus the Prefect UI artifacts.
+"""Prefect tasks for the pipeline: thin wrappers over ``tasks.pipeline.core`` (the steps),
+``tasks.pipeline.tracking`` (MLflow) and ``tasks.pipeline.store``, plus the Prefect UI artifacts.
 
 Task inputs are small and plain (the home path, params, a version string, dicts of numbers):
-the model stays in the process (``tasks.pipeline.model_for``) and candidates stay on disk, so
+the model stays in the process (``tasks.pipeline.core.model_for``) and candidates stay on disk, so
 Prefect never hashes or pickles a model. The only cache is on a batch's facts, keyed on its
 DVC md5 (content-addressed, so a cached result can never be stale). Retries where a retry
 helps: MLflow and publishing (idempotent) and ingest (journal-driven); not training, whose
@@ -16,12 +16,12 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import pipeline as steps
-from tasks import publish as pub
-from tasks import tracking
+from tasks.pipeline import core as steps
+from tasks.pipeline import store as pub
+from tasks.pipeline import tracking
 from tasks.faults import checkpoint
-from tasks.gate import GATE_METRICS, Verdict, markdown as gate_markdown
-from tasks.prefect_tasks import ingest_task as ingest_facts, submit_task as submit_facts  # noqa: F401
+from tasks.pipeline.gate import GATE_METRICS, Verdict, markdown as gate_markdown
+from tasks.stream.tasks import ingest_task as ingest_facts, submit_task as submit_facts  # noqa: F401
 
 QUIET = {"cache_policy": NO_CACHE, "persist_result": False}
 log = logging.getLogger("ledit.pipeline")
@@ -174,14 +174,14 @@ def register(home: str, params: dict, version: str, run_id: str, verdict: dict) 
 
 
 def _pyfunc_source(h, params, run_id, record) -> tuple[str | None, str | None]:
-    """The pyfunc model (tasks.serving) as the version's source, so that
+    """The pyfunc model (tasks.pipeline.serving) as the version's source, so that
     ``mlflow models serve -m models:/baft-adapter-set@production`` answers prompts.
     Returns ``(model_uri, model_id)``, or ``(None, None)`` where it is switched off
     (params ``pipeline.log_pyfunc``) or not available."""
     if not steps.pipeline_params(params).get("log_pyfunc", True):
         return None, None
     try:
-        from tasks.serving import log_pyfunc_model
+        from tasks.pipeline.serving import log_pyfunc_model
     except ImportError:
         return None, None
     import mlflow

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from tasks import publish as pub
-from tasks.workspace import Home
+from tasks.pipeline import store as pub
+from tasks.stream.workspace import Home
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("ledit.pipeline")
 
 
@@ -100,7 +100,7 @@ def _version_standing(h: Home, path: Path, rel: str, record: dict, tag: str) -> 
     """Save, ``dvc add``, commit and tag under the workspace lock (an ingest may be
     committing too), then push; a push that fails is retried by the next ingest's."""
     from editing import probes
-    from tasks import version
+    from tasks.stream import version
 
     with h.lock():
         probes.save_standing_answers(path, record)

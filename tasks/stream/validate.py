@@ -27,7 +27,7 @@ from editing.facts import (CONTROL_CHARS, DEFAULT_KIND, EMPTY, FACT_ID_PATTERN, 
                            OPTIONAL_STR, REQUIRED, FactError, PairSkipped, control_char_reason,
                            detect_format, evaluation_pairs, normalise, rephrase_list,
                            subject_reason, warn_skipped)
-from tasks.sources import RawChunk
+from tasks.stream.sources import RawChunk
 
 STR_FIELDS = REQUIRED + OPTIONAL_STR
 # A locality or portability pair as ``editing.facts.evaluation_pairs`` leaves it: ``answer``

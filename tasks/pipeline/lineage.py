@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 
-from tasks import publish as pub
-from tasks.pipeline import as_home, read_state
+from tasks.pipeline import store as pub
+from tasks.pipeline.core import as_home, read_state
 
 
 def _records(h, fact_id: str) -> list[dict]:
     """Every accepted record of the fact, oldest batch first (from the workspace's batch files)."""
     import polars as pl
 
-    from tasks.prepare import batch_tags
+    from tasks.stream.prepare import batch_tags
 
     out = []
     for tag in batch_tags(h):
@@ -33,7 +33,7 @@ def _records(h, fact_id: str) -> list[dict]:
         try:
             df = pl.scan_parquet(path).filter(pl.col("fact_id") == fact_id).collect()
         except FileNotFoundError:         # batch file only in the DVC cache/remote
-            from tasks.prepare import read_batch
+            from tasks.stream.prepare import read_batch
             df = read_batch(h, tag).filter(pl.col("fact_id") == fact_id)
         md5 = json.loads(meta.read_text(encoding="utf-8")).get("dvc_md5") if meta.exists() else None
         for row in df.iter_rows(named=True):

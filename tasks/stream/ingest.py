@@ -41,8 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tasks.faults import FAULT_ENV, InjectedFault, checkpoint  # noqa: F401 (re-exported)
-from tasks.sources import ReadLimits
-from tasks.workspace import Home, atomic_write_json, ensure_initialised
+from tasks.stream.sources import ReadLimits
+from tasks.stream.workspace import Home, atomic_write_json, ensure_initialised
 
 FAULT_POINTS = ("after_claim", "reading_file", "after_stage", "after_parquet_write",
                 "after_dvc_add", "after_commit", "after_ledger", "after_push")
@@ -99,7 +99,7 @@ def _now() -> datetime:
 # -- the run's steps ------------------------------------------------------------
 def _claim(home: Home, inbox_url: str, fault: str | None) -> dict | None:
     """Archive every complete inbox file, write the journal, then drain the inbox."""
-    from tasks import ledger, sources
+    from tasks.stream import ledger, sources
 
     items = sources.list_inbox(inbox_url)
     if not items:
@@ -132,7 +132,7 @@ def _claim(home: Home, inbox_url: str, fault: str | None) -> dict | None:
 def _drain_inbox(j: dict) -> None:
     """Remove claimed files from the inbox (each is archived and in the journal).
     A file is removed only if it still has the claimed content."""
-    from tasks import sources
+    from tasks.stream import sources
 
     fs, _ = sources.inbox_fs(j["inbox"])
     for f in j["files"]:
@@ -148,8 +148,8 @@ def _file_reject(f: dict, run_id: str, reason: str):
     of its first bytes."""
     import polars as pl
 
-    from tasks import sources
-    from tasks.validate import QUARANTINE_SCHEMA
+    from tasks.stream import sources
+    from tasks.stream.validate import QUARANTINE_SCHEMA
 
     try:
         with open(f["archived"], "rb") as fh:
@@ -169,7 +169,7 @@ def _validate_files(home: Home, j: dict, parts_dir: Path, received_at: datetime,
     Each file is isolated: if reading or checking it fails, what it produced is discarded
     and it counts as one record in, quarantined with the error. Each read is counted in
     the journal first, so a file that kills the process is found on recovery."""
-    from tasks import sources, validate
+    from tasks.stream import sources, validate
 
     bad_frames, parts = [], []
     records_in = 0
@@ -238,7 +238,7 @@ def _stage(home: Home, j: dict, fault: str | None, limits: ReadLimits | None = N
     """Validate every claimed file chunk by chunk, write the quarantine, deduplicate."""
     import polars as pl
 
-    from tasks import dedupe, ledger, sources, version
+    from tasks.stream import dedupe, ledger, sources, version
 
     limits = limits or ReadLimits.from_params()
     t0 = time.perf_counter()
@@ -305,7 +305,7 @@ def _batch_rel(tag: str) -> str:
 def _write_batch(home: Home, j: dict, fault: str | None) -> dict:
     import polars as pl
 
-    from tasks.dedupe import batch_columns
+    from tasks.stream.dedupe import batch_columns
 
     if not j.get("batch"):
         j["phase"] = "committed"
@@ -332,7 +332,7 @@ def _write_batch(home: Home, j: dict, fault: str | None) -> dict:
 
 
 def _dvc_add(home: Home, j: dict, fault: str | None) -> dict:
-    from tasks import version
+    from tasks.stream import version
 
     t0 = time.perf_counter()
     j["dvc_md5"] = version.dvc_add(home.workspace, _batch_rel(j["batch"]))
@@ -343,7 +343,7 @@ def _dvc_add(home: Home, j: dict, fault: str | None) -> dict:
 
 
 def _commit(home: Home, j: dict, fault: str | None) -> dict:
-    from tasks import version
+    from tasks.stream import version
 
     t0 = time.perf_counter()
     tag, rel = j["batch"], _batch_rel(j["batch"])
@@ -370,7 +370,7 @@ def _commit(home: Home, j: dict, fault: str | None) -> dict:
 
 
 def _record(home: Home, j: dict, fault: str | None) -> dict:
-    from tasks import ledger
+    from tasks.stream import ledger
 
     if j.get("batch"):
         ledger.record_facts(home, Path(j["staged_batch"]), j["batch"])
@@ -385,7 +385,7 @@ def _record(home: Home, j: dict, fault: str | None) -> dict:
 
 
 def _push(home: Home, j: dict, fault: str | None) -> dict:
-    from tasks import version
+    from tasks.stream import version
 
     if j.get("batch"):
         t0 = time.perf_counter()
@@ -473,8 +473,8 @@ def _summarise(runs: list[dict], recovered: list[str], seconds: float) -> Ingest
 
 def status(home: str | os.PathLike | Home | None = None) -> dict:
     """Inbox size, pending journal, batches and ledger sizes; takes no lock."""
-    from tasks import ledger, sources, version
-    from tasks.workspace import is_initialised
+    from tasks.stream import ledger, sources, version
+    from tasks.stream.workspace import is_initialised
 
     h = home if isinstance(home, Home) else Home.at(home)
     out = {"home": str(h.root), "initialised": is_initialised(h), "inbox": h.inbox_url}

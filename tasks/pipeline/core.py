@@ -6,7 +6,7 @@ the registry alias ``production``, which a promotion switches with the pointer).
                                                                                └fail─> reject (facts pending)
 
 Steps hand each other an adapter *version* (``v7``); everything about a candidate lives in its
-record (``tasks.publish``), so a step can be redone from disk after a crash and nothing large
+record (``tasks.pipeline.store``), so a step can be redone from disk after a crash and nothing large
 crosses a Prefect task boundary.
 
 State that outlives a run, in ``$LEDIT_HOME/state/pipeline.json`` (atomic writes):
@@ -35,15 +35,15 @@ import json
 import time
 from pathlib import Path
 
-from tasks import publish as pub
+from tasks.pipeline import store as pub
 from tasks.faults import FAULT_ENV, InjectedFault, checkpoint  # noqa: F401 (re-exported)
-from tasks.workspace import Home, atomic_write_json
+from tasks.stream.workspace import Home, atomic_write_json
 
-# after_mlflow_log and after_register are in tasks.pipeline_tasks (the MLflow tasks)
+# after_mlflow_log and after_register are in tasks.pipeline.tasks (the MLflow tasks)
 FAULT_POINTS = ("during_training", "after_training", "during_evaluation", "after_evaluation",
                 "after_mlflow_log", "after_register", "after_pointer", "after_publish")
 FINAL = ("promoted", "rejected", "dry-run", "abandoned")
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 _MODELS: dict = {}
 
 
@@ -122,15 +122,15 @@ def batch_md5(home: Home, tag: str) -> str:
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         import yaml
 
-        from tasks import version
+        from tasks.stream import version
         text = version.git(home.workspace, "show", f"{tag}:batches/{tag}.parquet.dvc").stdout
         return yaml.safe_load(text)["outs"][0]["md5"]
 
 
 def unprocessed_batches(home, force: bool = False) -> list[dict]:
     """Batches not yet trained into a verdict, oldest first (``force``: at least the latest)."""
-    from tasks.prepare import batch_tags
-    from tasks.workspace import is_initialised
+    from tasks.stream.prepare import batch_tags
+    from tasks.stream.workspace import is_initialised
 
     h = as_home(home)
     if not is_initialised(h):
@@ -154,7 +154,7 @@ def batch_edits(home, tag: str, dvc_md5: str) -> list[dict]:
     import polars as pl
 
     from editing.facts import FactError, fact_from_record
-    from tasks.prepare import FACT_FIELDS, read_batch
+    from tasks.stream.prepare import FACT_FIELDS, read_batch
 
     h = as_home(home)
     local = h.workspace / "batches" / f"{tag}.parquet"
@@ -272,8 +272,8 @@ def plan(home, params: dict, batches: list[dict], batch_items: list[list[dict]],
 # -- 2. probe the base, then train ---------------------------------------------------------------
 def probe(home, params: dict, version: str) -> dict:
     """The base's answers the gate will compare with: the standing suite and the candidate's
-    subject probes (``tasks.probing``). Before training, on the unedited model."""
-    from tasks.probing import probe_base
+    subject probes (``tasks.pipeline.probing``). Before training, on the unedited model."""
+    from tasks.pipeline.probing import probe_base
 
     model, tokenizer = model_for(params)
     return probe_base(as_home(home), params, version, model, tokenizer)
@@ -283,7 +283,7 @@ def train_candidate(home, params: dict, version: str, *, progress: bool = False)
     """Extend the production set with the candidate's edits; save it under state/candidates.
 
     With ``pipeline.shards > 1`` the upserts are split into shards trained in parallel through
-    Ray (``tasks.shards.train_shards``); retracted and superseded edits are removed first.
+    Ray (``tasks.pipeline.shards.train_shards``); retracted and superseded edits are removed first.
     """
     from editing import AdapterSet, Fact, edit
 
@@ -331,7 +331,7 @@ def _train_sharded(model, params, base, facts, shards, meta):
     import tempfile
 
     from editing.adapters import UnknownFactError
-    from tasks.shards import train_shards
+    from tasks.pipeline.shards import train_shards
 
     upserts = [f for f in facts if f.op != "retract"]
     retracts = [f for f in facts if f.op == "retract"]
@@ -371,7 +371,7 @@ def evaluate_candidate(home, params: dict, version: str) -> dict:
     from editing import AdapterSet, Fact
     from editing.evaluate import evaluate_facts
     from editing.metrics import perplexity
-    from tasks.probing import changes_text, strict_checks
+    from tasks.pipeline.probing import changes_text, strict_checks
 
     h = as_home(home)
     record = pub.read_record(h, version)
@@ -453,7 +453,7 @@ def _unmeasured(metrics: dict, new: list[dict], kept: list[dict]) -> dict:
 
 # -- 4. gate ------------------------------------------------------------------------------------
 def judge(home, params: dict, version: str, evaluation: dict) -> dict:
-    from tasks.gate import gate
+    from tasks.pipeline.gate import gate
 
     verdict = gate(evaluation["metrics"], [r for r in evaluation["per_fact"] if r["kind"] != "retracted"],
                    params, notes=evaluation.get("notes"))
@@ -491,7 +491,7 @@ def _switch(h: Home, params: dict, promotion: dict) -> None:
 
     Order: pointer, alias, then the ledger and the state, then the record goes. A crash
     between the pointer and the alias leaves them disagreeing, with the record naming it."""
-    from tasks import tracking
+    from tasks.pipeline import tracking
 
     version, kind = promotion["version"], promotion["kind"]
     reason = "promoted" if kind == "promote" else f"rollback from {promotion.get('previous')}"
@@ -526,7 +526,7 @@ def _settle_promoted(h: Home, record: dict) -> None:
 
 def _sync_ledger(h: Home, before: list[dict], after: list[dict], version: str, run: str | None) -> None:
     """The applied ledger follows production: live facts applied, removed ones retracted."""
-    from tasks import ledger
+    from tasks.stream import ledger
 
     live = {x["fact"]["fact_id"] for x in after}
     edits = [x["fact"] for x in after]
@@ -538,7 +538,7 @@ def _sync_ledger(h: Home, before: list[dict], after: list[dict], version: str, r
 
 def reject(home, params: dict, version: str, verdict: dict, *, dry_run: bool = False) -> dict:
     """Production unchanged; the candidate's facts stay pending, each with its reason."""
-    from tasks.gate import Verdict, pending_reason
+    from tasks.pipeline.gate import Verdict, pending_reason
 
     h = as_home(home)
     record = pub.read_record(h, version)
@@ -571,7 +571,7 @@ def failure_note(home, before: str | None, exc: BaseException) -> str:
     import errno
     import shutil
 
-    from tasks.ingest import read_journal
+    from tasks.stream.ingest import read_journal
 
     h = as_home(home)
     try:
@@ -679,7 +679,7 @@ def production_status(home, params: dict | None = None) -> dict:
     the lock, a read that spans a whole switch may still mix old and new: read again."""
     from mlflow.exceptions import MlflowException
 
-    from tasks import tracking
+    from tasks.pipeline import tracking
 
     h = as_home(home)
     params = params if params is not None else _default_params()

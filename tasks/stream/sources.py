@@ -4,7 +4,7 @@ readers for every input format.
 A reader turns one file into ``RawChunk``s: the parsed records with their line and record
 numbers and original text, plus a reason for each record that could not even be parsed
 (undecodable bytes, a malformed line, a non-object). Field-level checks happen later,
-vectorised, in ``tasks.validate``.
+vectorised, in ``tasks.stream.validate``.
 
 What one file may cost is bounded by ``ReadLimits`` (``params.yaml`` ``ingest:``): a file
 too large is not parsed, an over-long line or record, one nested too deep and the records
@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from tasks.workspace import Home
+from tasks.stream.workspace import Home
 
 try:  # orjson ships with prefect; the stdlib parser is the fallback
     import orjson as _orjson

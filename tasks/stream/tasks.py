@@ -1,7 +1,7 @@
 """Prefect tasks for the fact-update stream: thin wrappers over the plain functions.
 
-Importing this module imports Prefect; the plain functions in ``tasks.ingest``,
-``tasks.sources``, ``tasks.ledger`` and ``tasks.prepare`` do not, so they run (and are
+Importing this module imports Prefect; the plain functions in ``tasks.stream.ingest``,
+``tasks.stream.sources``, ``tasks.stream.ledger`` and ``tasks.stream.prepare`` do not, so they run (and are
 tested) without a Prefect server. ``ingest`` is one task on purpose: it holds the
 workspace lock and runs its DVC steps in sequence (DVC must never run in parallel).
 Retries are safe: an interrupted ingest is finished by the next one from its journal.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks import ingest as _ingest
-from tasks import ledger as _ledger
-from tasks import prepare as _prepare
-from tasks import sources as _sources
-from tasks import workspace as _workspace
+from tasks.stream import ingest as _ingest
+from tasks.stream import ledger as _ledger
+from tasks.stream import prepare as _prepare
+from tasks.stream import sources as _sources
+from tasks.stream import workspace as _workspace
 
 
 @task(name="init-data-home")

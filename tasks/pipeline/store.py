@@ -13,7 +13,7 @@ Layout under ``LEDIT_HOME``::
 Versions are ``v1``, ``v2``... in the order candidates were trained (rejected ones included),
 allocated under the pipeline lock. Publishing is idempotent: redoing it after a crash finds
 the set already there. Production is named twice, by the pointer here and by the MLflow
-alias ``production``; ``tasks.pipeline`` switches both under a promotion record.
+alias ``production``; ``tasks.pipeline.core`` switches both under a promotion record.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.workspace import Home, atomic_write_json
+from tasks.stream.workspace import Home, atomic_write_json
 
 POINTER = "production"
 _VERSION = re.compile(r"^v(\d+)$")
@@ -192,7 +192,7 @@ def load_production(home: Home):
 # -- publishing -----------------------------------------------------------------------
 def publish_set(home: Home, version: str, source_dir: str | Path) -> Path:
     """Copy a candidate to ``published/<version>`` (verifying its checksum on the way).
-    Idempotent. Production is not switched here: ``tasks.pipeline`` does that, journaled."""
+    Idempotent. Production is not switched here: ``tasks.pipeline.core`` does that, journaled."""
     from editing.adapters import AdapterError, AdapterSet
 
     version = normalise_version(version)
@@ -224,7 +224,7 @@ def begin_promotion(home: Home, entry: dict) -> dict:
     """Record a switch of production before any store is touched; returns the record in
     flight. Redone for the same switch (a retry), the first record stands: its ``previous``
     is what production was. A different switch in flight is refused: it must be settled
-    first (``tasks.pipeline.recover``). Caller holds the pipeline lock."""
+    first (``tasks.pipeline.core.recover``). Caller holds the pipeline lock."""
     current = read_promotion(home)
     if current is not None:
         if (current["kind"], current["version"]) == (entry["kind"], entry["version"]):

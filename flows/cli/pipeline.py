@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "samples" / "nightly-sample.jsonl"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "true",
            "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -32,7 +32,7 @@ def _home_option(f):
 
 
 def _home(home) -> Path:
-    from tasks.workspace import resolve_home
+    from tasks.stream.workspace import resolve_home
     return resolve_home(home)
 
 
@@ -110,7 +110,7 @@ def _print_summary(s: dict) -> None:
         click.echo(f"candidate    {s['version']}  (registry version {s.get('model_version')}, "
                    f"MLflow run {s.get('mlflow_run_id')})")
     click.echo(f"production   {s.get('production_version') or 'none'}")
-    p = s.get("production") or {}       # tasks.pipeline.production_status
+    p = s.get("production") or {}       # tasks.pipeline.core.production_status
     if p and not p.get("agree", True):
         click.echo(f"warning      pointer {p.get('pointer')}, MLflow alias {p.get('alias') or p.get('alias_error')}"
                    + ("; a switch is in flight: the next run finishes it" if p.get("promotion") else ""))
@@ -119,7 +119,7 @@ def _print_summary(s: dict) -> None:
     if c:
         click.echo(f"edits        {len(c['added'])} added, {len(c['superseded'])} superseded, "
                    f"{len(c['retracted'])} retracted, {len(s.get('skipped') or [])} skipped")
-    from tasks.gate import GATE_METRICS
+    from tasks.pipeline.gate import GATE_METRICS
 
     measured = {k: s.get(k) for k in GATE_METRICS if s.get(k) is not None}
     if measured:
@@ -323,7 +323,7 @@ def rollback_cmd(home, version, as_json):
 def lineage_cmd(home, fact_id, as_json):
     """Trace FACT_ID: source file and line, ingest batch (git tag, DVC md5), MLflow run,
     adapter version and gate metrics, and its status now."""
-    from tasks.lineage import lineage, markdown
+    from tasks.pipeline.lineage import lineage, markdown
 
     info = lineage(_home(home), fact_id)
     if as_json:
@@ -339,7 +339,7 @@ def lineage_cmd(home, fact_id, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def pending_cmd(home, as_json):
     """Facts waiting for the next run, each with the reason it was not promoted."""
-    from tasks.pipeline import pending_facts
+    from tasks.pipeline.core import pending_facts
 
     rows = pending_facts(_home(home))
     if as_json:
@@ -365,10 +365,10 @@ def demo_cmd(home, facts_path):
     from editing import Fact, load_params
     from editing.metrics import greedy
     from flows.nightly import nightly_refresh
-    from tasks import publish as pub
-    from tasks.pipeline import model_for
-    from tasks.sources import submit
-    from tasks.workspace import Home, init_workspace
+    from tasks.pipeline import store as pub
+    from tasks.pipeline.core import model_for
+    from tasks.stream.sources import submit
+    from tasks.stream.workspace import Home, init_workspace
 
     params = load_params()
     click.echo(f"LEDIT_HOME {h}")

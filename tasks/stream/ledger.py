@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import polars as pl
 
 from editing.facts import Fact, normalise
-from tasks.workspace import Home
+from tasks.stream.workspace import Home
 
 SEP = "\x1f"
 FACTS_SCHEMA = {"fact_id": pl.String, "record_hash": pl.String, "edit_key": pl.String,

@@ -1,6 +1,6 @@
 """The file MLflow runs to build the served model ("models from code"; nothing is unpickled)."""
 import mlflow
 
-from tasks.serving import AdapterSetModel
+from tasks.pipeline.serving import AdapterSetModel
 
 mlflow.models.set_model(AdapterSetModel())

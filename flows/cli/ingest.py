@@ -1,7 +1,7 @@
 """Data commands: ``init``, ``submit``, ``ingest``, ``prepare`` (the fact-update stream).
 
 Every command takes ``--home`` (or ``$LEDIT_HOME``; default ``~/.ledit``). Heavy imports
-(polars, DVC) happen inside the commands. ``python -m flows.cli_ingest`` runs these commands
+(polars, DVC) happen inside the commands. ``python -m flows.cli.ingest`` runs these commands
 alone, without the engine's commands.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def init_cmd(home, inbox, remote):
     Every other data command does this on first use; run it to choose the inbox or the
     DVC remote, or to see where things live.
     """
-    from tasks.workspace import init_workspace
+    from tasks.stream.workspace import init_workspace
 
     h = init_workspace(home, inbox=inbox, remote=remote)
     cfg = h.config()
@@ -55,7 +55,7 @@ def submit_cmd(home, inbox, files):
     arrays (.json) in the project schema or as EasyEdit CounterFact, MEND zsRE or KnowEdit
     files, read as they are.
     """
-    from tasks.sources import submit
+    from tasks.stream.sources import submit
 
     for path in submit(list(files), home, inbox=inbox):
         click.echo(path)
@@ -85,7 +85,7 @@ def ingest_cmd(home, inbox, as_json, wait):
     """
     from filelock import Timeout
 
-    from tasks.ingest import ingest
+    from tasks.stream.ingest import ingest
 
     try:
         result = ingest(home, inbox=inbox, lock_timeout=wait)
@@ -127,7 +127,7 @@ def prepare_cmd(home, tag, scope, include_retracts, out):
 
     The batch is read at the tag's git revision through DVC, from the cache or the remote.
     """
-    from tasks.prepare import prepare_facts
+    from tasks.stream.prepare import prepare_facts
 
     summary = prepare_facts(home, tag, out, scope=scope, include_retracts=include_retracts)
     click.echo(json.dumps(summary))

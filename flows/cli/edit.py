@@ -25,7 +25,7 @@ def _fail(exc: Exception) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def edit_cmd(facts, out, model_name, method, base_adapter, quiet):
     from editing import AdapterError, FactError
-    from tasks.edit import train_adapter_set
+    from flows.cli.steps import train_adapter_set
 
     try:
         adapter_set = train_adapter_set(list(facts), out, model_name=model_name, method=method,
@@ -50,7 +50,7 @@ def edit_cmd(facts, out, model_name, method, base_adapter, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the means and per-fact rows.")
 def eval_cmd(adapter_dir, facts, model_name, as_json):
     from editing import AdapterError, FactError
-    from tasks.edit import evaluate_adapter_set
+    from flows.cli.steps import evaluate_adapter_set
 
     try:
         result = evaluate_adapter_set(None if adapter_dir == "none" else adapter_dir, list(facts),
@@ -77,7 +77,7 @@ def eval_cmd(adapter_dir, facts, model_name, as_json):
 @click.option("--max-new-tokens", default=24, show_default=True)
 def generate_cmd(adapter_dir, prompt, model_name, max_new_tokens):
     from editing import AdapterError
-    from tasks.edit import generate_with_adapter_set
+    from flows.cli.steps import generate_with_adapter_set
 
     try:
         text = generate_with_adapter_set(None if adapter_dir == "none" else adapter_dir, [prompt],

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from flows.cli_pipeline import _home, _home_option
+from flows.cli.pipeline import _home, _home_option
 
 
 @click.command("why")
@@ -32,8 +32,8 @@ def why_cmd(prompt, adapter_dir, home, version, max_new_tokens, threshold, as_js
     so. Only BaFT sets can answer: ReFT and LoRA edits have no gates and act on every input.
     """
     from editing.adapters import AdapterError
-    from tasks.lineage import why, why_text
-    from tasks.publish import PublishError
+    from tasks.pipeline.lineage import why, why_text
+    from tasks.pipeline.store import PublishError
 
     try:
         out = why(prompt, adapter_dir=adapter_dir, home=None if adapter_dir and home is None else _home(home),

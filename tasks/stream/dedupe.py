@@ -14,7 +14,7 @@ Each staged record gets exactly one status:
 
 "Latest" orders by ``observed_at`` (arrival time where absent), then file arrival order,
 then record position. Keys are the normalised fact ids and content hashes computed in
-``tasks.validate``. Everything but ``accepted`` is written to the run's duplicates file
+``tasks.stream.validate``. Everything but ``accepted`` is written to the run's duplicates file
 with its status, so nothing is dropped silently.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks.validate import BATCH_SCHEMA
+from tasks.stream.validate import BATCH_SCHEMA
 
 STATUSES = ("accepted", "duplicate", "superseded", "stale", "already_ingested",
             "already_applied")

@@ -22,13 +22,10 @@ def main():
 
 
 def _register_command_groups():
-    from flows import cli_adapter, cli_audit, cli_edit, cli_ingest, cli_pipeline
+    from flows.cli import adapter, audit, edit, ingest, pipeline
 
-    cli_edit.add_commands(main)
-    cli_adapter.add_commands(main)
-    cli_ingest.add_commands(main)
-    cli_pipeline.add_commands(main)
-    cli_audit.add_commands(main)
+    for group in (edit, adapter, ingest, pipeline, audit):
+        group.add_commands(main)
 
 
 _register_command_groups()

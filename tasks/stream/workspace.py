@@ -173,7 +173,7 @@ def init_workspace(home: str | os.PathLike | Home | None = None, *, inbox: str |
 
 
 def _init_locked(h: Home, *, inbox: str | None = None, remote: str | None = None) -> Home:
-    from tasks import version
+    from tasks.stream import version
 
     h.root.mkdir(parents=True, exist_ok=True)
     cfg = h.config()

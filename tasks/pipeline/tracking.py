@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from tasks.workspace import Home
+from tasks.stream.workspace import Home
 
 PRODUCTION_ALIAS = "production"
 ADAPTER_ARTIFACT = "adapter_set"
 _MAX_TAG = 5000          # MLflow's tag value limit is 8000; keep room
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -351,7 +351,7 @@ def batch_dataset_input(home: Home, tag: str, md5: str, frame=None):
         if local.exists():
             frame = pl.read_parquet(local)
         else:
-            from tasks.prepare import read_batch
+            from tasks.stream.prepare import read_batch
             frame = read_batch(home, tag)
     source = _dvc_source_class()(str(home.workspace), rel, tag, md5)
     ds = mlflow.data.from_polars(frame, source=source, name=tag, digest=md5)
