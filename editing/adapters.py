@@ -63,14 +63,9 @@ class UnknownFactError(AdapterError):
 
 def record_of(fact: Fact) -> dict:
     """What a block remembers of each fact it edits (the manifest's ``records``)."""
-    return {"fact_id": fact.fact_id, "key": edit_key(fact), "subject": fact.subject,
+    return {"fact_id": fact.fact_id, "key": fact.key, "subject": fact.subject,
             "prompt": fact.prompt, "target_new": fact.target_new,
             "rephrase_prompts": list(fact.rephrase_prompts)}
-
-
-def edit_key(fact: Fact) -> str | None:
-    """Facts with the same normalised subject and prompt are one fact, whatever their ids."""
-    return fact_key(fact.subject, fact.prompt) if fact.subject and fact.prompt else None
 
 
 @dataclass
@@ -149,7 +144,7 @@ class AdapterSet:
     def locate(self, fact: Fact | str) -> list[tuple[int, int]]:
         """(block index, fact index) of every live edit of ``fact``: the same fact_id,
         or the same normalised subject and prompt."""
-        fid, key = (fact, None) if isinstance(fact, str) else (fact.fact_id, edit_key(fact))
+        fid, key = (fact, None) if isinstance(fact, str) else (fact.fact_id, fact.key)
         return [(bi, fi) for bi, b in enumerate(self.blocks)
                 for fi in range(len(b.fact_ids))
                 if b.fact_ids[fi] == fid or (key is not None and b.records and b.records[fi]["key"] == key)]

@@ -13,9 +13,11 @@ One call applies one batch of fact updates, in arrival order:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .adapters import AdapterError, AdapterSet, Block, UnknownFactError, edit_key, record_of
+from .adapters import AdapterError, AdapterSet, Block, UnknownFactError, record_of
 from .facts import Fact
 from .trainer import train_block
 
@@ -25,7 +27,7 @@ def newest_per_fact(facts: list[Fact]) -> list[Fact]:
     slot_of: dict[str, int] = {}
     slots: list[Fact | None] = []
     for f in facts:
-        names = [f"id:{f.fact_id}"] + ([f"key:{k}"] if (k := edit_key(f)) else [])
+        names = [f"id:{f.fact_id}"] + ([f"key:{f.key}"] if f.key else [])
         for old in {slot_of[n] for n in names if n in slot_of}:
             slots[old] = None
         slot_of.update({n: len(slots) for n in names})
@@ -52,20 +54,8 @@ def edit(model, tokenizer, facts: list[Fact], params: dict, base: AdapterSet | N
         current = base.copy()
     else:
         current = AdapterSet.for_model(model, method)
-    batch = newest_per_fact(facts)
-    retracts = [f for f in batch if f.op == "retract"]
-    upserts = [f for f in batch if f.op != "retract"]
-    # A retract of a fact this batch also upserted earlier is already handled by newest_per_fact.
-    earlier = {f.fact_id for f in facts if f.op != "retract"} | {edit_key(f) for f in facts if f.op != "retract"}
-    unknown = [f.fact_id for f in retracts if not current.locate(f)
-               and f.fact_id not in earlier and edit_key(f) not in earlier]
-    if unknown:
-        raise UnknownFactError(unknown)
-    retracted = [f for f in retracts if current.locate(f)]
-    superseded = [current.blocks[bi].fact_ids[fi] for f in upserts for bi, fi in current.locate(f)]
-    current = current.retract(retracted + superseded)
-    changes = {"added": [f.fact_id for f in upserts], "superseded": superseded,
-               "retracted": [f.fact_id for f in retracted], "block_id": None}
+    plan = resolve(current, facts)
+    upserts, current, changes = plan.upserts, plan.remaining, plan.changes()
     if not upserts:
         current.changes = changes
         return current
@@ -94,3 +84,36 @@ def edit(model, tokenizer, facts: list[Fact], params: dict, base: AdapterSet | N
     current.add_block(block)
     current.changes = dict(changes, block_id=block.block_id)
     return current
+
+
+@dataclass
+class Resolution:
+    """What a batch does to an adapter set before anything is trained."""
+    upserts: list[Fact]             # the newest update of each fact, to train
+    retracted: list[str]            # fact ids of the set that retracts remove
+    superseded: list[str]           # fact ids of the set that newer updates replace
+    remaining: AdapterSet | None    # the set without both
+
+    def changes(self, block_id: str | None = None) -> dict:
+        return {"added": [f.fact_id for f in self.upserts], "superseded": self.superseded,
+                "retracted": self.retracted, "block_id": block_id}
+
+
+def resolve(current: AdapterSet | None, facts: list[Fact]) -> Resolution:
+    """The one retract/supersede rule. The newest update of each fact wins; a retract must
+    name a fact of ``current`` or one this batch upserted earlier, else ``UnknownFactError``."""
+    batch = newest_per_fact(facts)
+    retracts = [f for f in batch if f.op == "retract"]
+    upserts = [f for f in batch if f.op != "retract"]
+    # A retract of a fact this batch also upserted earlier is already handled by newest_per_fact.
+    earlier = {f.fact_id for f in facts if f.op != "retract"} | {f.key for f in facts if f.op != "retract"}
+    found = (lambda f: bool(current.locate(f))) if current is not None else (lambda f: False)
+    unknown = [f.fact_id for f in retracts if not found(f) and f.fact_id not in earlier and f.key not in earlier]
+    if unknown:
+        raise UnknownFactError(unknown)
+    if current is None:
+        return Resolution(upserts, [], [], None)
+    retracted = [f for f in retracts if found(f)]
+    superseded = [current.blocks[bi].fact_ids[fi] for f in upserts for bi, fi in current.locate(f)]
+    return Resolution(upserts, [f.fact_id for f in retracted], superseded,
+                      current.retract(retracted + superseded))

@@ -107,6 +107,17 @@ class Fact:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def key(self) -> str | None:
+        """The "same fact" key: see ``same_fact_key``."""
+        return same_fact_key(self.subject, self.prompt)
+
+
+def same_fact_key(subject: str | None, prompt: str | None) -> str | None:
+    """Facts with the same normalised subject and prompt are one fact, whatever their ids;
+    None where either is missing."""
+    return fact_key(subject, prompt) if subject and prompt else None
+
 
 def normalise(text: str) -> str:
     """The key form of a string: NFKC, whitespace folded, case folded."""
