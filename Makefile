@@ -37,7 +37,7 @@ test-fast: model
 	$(PY) -m pytest -q -m "not integration"
 
 bench: model
-	$(PY) bench/edit_quality.py
+	$(PY) -m bench.edit_quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
 """Edit quality and speed: BaFT against ReFT, LoRA (FT-L style) and the unedited model.
 
-    .venv/bin/python bench/edit_quality.py                      # both datasets, batches 1/16/64
-    .venv/bin/python bench/edit_quality.py --datasets counterfact --sizes 64
+    .venv/bin/python -m bench.edit_quality                      # both datasets, batches 1/16/64
+    .venv/bin/python -m bench.edit_quality --datasets counterfact --sizes 64
 
 Reads ../shared/benchmarks (or --data-dir); writes a Markdown table to
 bench/results/edit_quality.md and prints it. Batch size 1 runs --singles
@@ -24,14 +24,13 @@ from statistics import mean
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from editing import edit, load_model
+from editing.evaluate import STRICT_METRICS, evaluate_facts, kind_keys
+from editing.facts import (CONTROL_KIND, KNOWEDIT_LOCALITY, KNOWEDIT_PORTABILITY, FactError, PairSkipped,
+                           read_records, records_to_facts)
+from tasks.settings import Settings, load_settings
 
-from editing import AdapterSet, edit, load_model, load_params  # noqa: E402
-from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.evaluate import STRICT_METRICS, kind_keys  # noqa: E402
-from editing.facts import (CONTROL_KIND, KNOWEDIT_LOCALITY, KNOWEDIT_PORTABILITY,  # noqa: E402
-                           FactError, PairSkipped, read_records, records_to_facts)
+ROOT = Path(__file__).resolve().parent.parent
 
 FILES = {"counterfact": "counterfact-val.json", "zsre": "zsre-dev.json",
          "knowedit-counterfact": "knowedit-wiki-counterfact-dev.json",
@@ -84,14 +83,14 @@ def load_dataset(name: str, data_dir: Path) -> list:
     return facts
 
 
-def run_one(model, tokenizer, facts, method, params, fluency_tokens, strict_tokens=0):
+def run_one(model, tokenizer, facts, method, settings: Settings, strict_tokens=0):
     """(means, seconds per edit, adapter bytes per edit) for one training run."""
+    fluency_tokens = settings.eval.fluency_tokens
     if method == "none":
         result = evaluate_facts(model, tokenizer, facts, fluency_tokens=fluency_tokens, strict_tokens=strict_tokens)
         return result["means"], 0.0, 0
-    p = dict(params["edit"], method=method)
     t0 = time.perf_counter()
-    adapter_set = edit(model, tokenizer, facts, p, progress=False)
+    adapter_set = edit(model, tokenizer, facts, settings.edit.override({"method": method}), progress=False)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         size = (adapter_set.save(Path(tmp) / "set") / "adapter.safetensors").stat().st_size
@@ -119,20 +118,18 @@ def main(argv=None):
     ap.add_argument("--note", action="append", default=[], help="a line to add under the table")
     args = ap.parse_args(argv)
 
-    params = load_params(overrides=parse_overrides(args.overrides))
+    settings = load_settings(overrides=parse_overrides(args.overrides))
     if args.render_only:
-        write_table(read_rows(args.rows), args, params)
+        write_table(read_rows(args.rows), args, settings)
         return
-    model, tokenizer = load_model(args.model or params["model"]["name"])
-    fluency_tokens = params["eval"]["fluency_tokens"]
+    model, tokenizer = load_model(settings.model.override({"name": args.model}) if args.model else settings.model)
     rows = []
     for dataset in args.datasets:
         facts = load_dataset(dataset, args.data_dir)[args.offset:]
         for size in args.sizes:
             runs = [facts[i:i + 1] for i in range(args.singles)] if size == 1 else [facts[:size]]
             for method in args.methods:
-                results = [run_one(model, tokenizer, run, method, params, fluency_tokens, args.strict_tokens)
-                           for run in runs]
+                results = [run_one(model, tokenizer, run, method, settings, args.strict_tokens) for run in runs]
                 means = row_means([r[0] for r in results])
                 row = {"dataset": dataset, "method": method, "batch": size, "edits": sum(map(len, runs)),
                        **means, "s_per_edit": mean(r[1] for r in results),
@@ -143,7 +140,7 @@ def main(argv=None):
                 if args.rows:
                     with open(args.rows, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
-    write_table(read_rows(args.rows) if args.rows else rows, args, params)
+    write_table(read_rows(args.rows) if args.rows else rows, args, settings)
 
 
 def row_means(results: list[dict]) -> dict:
@@ -184,14 +181,14 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_table(rows, args, params) -> None:
-    table = render(rows, args, params)
+def write_table(rows, args, settings: Settings) -> None:
+    table = render(rows, args, settings)
     write_atomic(args.out, table)
     print(table)
 
 
 def command_line() -> str:
-    return "python bench/edit_quality.py " + " ".join(sys.argv[1:])
+    return "python -m bench.edit_quality " + " ".join(sys.argv[1:])
 
 
 def device_name() -> str:
@@ -215,20 +212,20 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def render(rows, args, params) -> str:
+def render(rows, args, settings: Settings) -> str:
     commands = list(dict.fromkeys(r.get("command") or command_line() for r in rows))
     devices = list(dict.fromkeys(r.get("device") or device_name() for r in rows))
-    e = params["edit"]
+    e = settings.edit
     # KnowEdit's columns (portability, each KnowEdit kind) where a row has them; the other
     # formats have one locality kind each, which is the locality column already
     extra = [c for c in EXTRA + kind_keys(rows) if any(r.get(c) is not None for r in rows)
              and (c in EXTRA or c.split(".", 1)[1] in KNOWEDIT_KINDS)]
     head = [f"# Edit quality ({time.strftime('%Y-%m-%d')})", "",
             "Commands: " + "; ".join(f"`{c}`" for c in commands) + "  ",
-            f"Model: {params['model']['name']}; device: {', '.join(devices)}; records from offset {args.offset}.  ",
-            f"Edit layers {e['layers']}, gate layer {e['baft'].get('gate_layer')}, "
-            f"{e['baft']['bases_per_edit']} bases per edit, <= {e['steps']} steps; LoRA rank "
-            f"{e['lora']['rank']} on the MLP down-projection of the same layers.",
+            f"Model: {settings.model.name}; device: {', '.join(devices)}; records from offset {args.offset}.  ",
+            f"Edit layers {list(e.layers)}, gate layer {e.baft.gate_layer}, "
+            f"{e.baft.bases_per_edit} bases per edit, <= {e.steps} steps; LoRA rank "
+            f"{e.lora.rank} on the MLP down-projection of the same layers.",
             f"Overrides: {' '.join(args.overrides) or 'none'}.", "",
             "| dataset | method | batch | reliability | generality | locality | exact match | fluency "
             + "".join(f"| {c} " for c in extra)

@@ -1,10 +1,10 @@
 """Does the gate see what KnowEdit sees? Its checks on a candidate, beside the benchmark's own.
 
-    .venv/bin/python bench/gate.py                          # 100 KnowEdit WikiData_counterfact facts
-    .venv/bin/python bench/gate.py --methods baft reft --n 100
-    .venv/bin/python bench/gate.py --n 8 --out /tmp/gate.md   # a smoke check
+    .venv/bin/python -m bench.gate                          # 100 KnowEdit WikiData_counterfact facts
+    .venv/bin/python -m bench.gate --methods baft reft --n 100
+    .venv/bin/python -m bench.gate --n 8 --out /tmp/gate.md   # a smoke check
 
-Each method's candidate goes through the pipeline's own steps (``tasks.pipeline.core``: plan,
+Each method's candidate goes through the pipeline's own steps (``tasks.pipeline.steps``: plan,
 probe, train, evaluate, judge) in a fresh LEDIT_HOME, on facts given as a feed gives them:
 subject, prompt and new target only, no rephrases, no locality prompts. Then the same
 candidate is scored on the KnowEdit file's own Relation_Specificity and Forgetfulness pairs
@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from editing import offline
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def feed_form(fact) -> dict:
@@ -46,12 +46,13 @@ def knowedit_scores(model, tokenizer, facts, candidate) -> dict:
 
 def run_method(method: str, facts, params: dict, work: Path) -> dict:
     from editing import AdapterSet
-    from editing.params import merge
-    from tasks.pipeline import core as steps
+    from editing.config import merge
+    from tasks.pipeline import steps
     from tasks.pipeline import store as pub
+    from tasks.settings import as_settings
     from tasks.stream.workspace import init_workspace
 
-    p = merge(params, {"edit": {"method": method}})
+    p = as_settings(merge(params, {"edit": {"method": method}}))
     h = init_workspace(work / f"home-{method}")
     items = [{"fact": feed_form(f), "origin": {"batch": "bench"}} for f in facts]
     plan = steps.plan(h, p, [], [items])
@@ -126,17 +127,17 @@ def main(argv=None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate.md")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from edit_quality import load_dataset, parse_overrides, write_atomic
+    offline.apply()
+    from bench.edit_quality import load_dataset, parse_overrides, write_atomic
 
-    from editing.params import load_params
+    from editing.config import merge, read_yaml
 
-    params = load_params(overrides=parse_overrides(args.overrides))
+    params = merge(read_yaml(), parse_overrides(args.overrides))
     facts = load_dataset(args.dataset, args.data_dir)[args.offset:args.offset + args.n]
     with tempfile.TemporaryDirectory(prefix="ledit-bench-gate-") as tmp:
         os.environ["LEDIT_HOME"] = str(Path(tmp) / "default-home")
         rows = [run_method(m, facts, params, Path(tmp)) for m in args.methods]
-    command = "python bench/gate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.gate " + " ".join(argv if argv is not None else sys.argv[1:])
     text = render(rows, command.strip())
     write_atomic(args.out, text)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))

@@ -1,8 +1,8 @@
 """Where a lifelong BaFT set's locality leaks, and what lowering its gate biases buys.
 
-    .venv/bin/python bench/lifelong.py --datasets zsre --T 100 --methods baft \\
+    .venv/bin/python -m bench.lifelong --datasets zsre --T 100 --methods baft \\
         --set edit.baft.gate_margin=0 --save-sets /tmp/sets --overhead-rounds 0 --overhead-edits 0
-    .venv/bin/python bench/gate_diagnosis.py /tmp/sets/zsre-T100-baft --dataset zsre --T 100
+    .venv/bin/python -m bench.gate_diagnosis /tmp/sets/zsre-T100-baft --dataset zsre --T 100
 
 The set's facts are the first T usable records of the dataset from --offset, as
 in bench/lifelong.py. For every locality prompt: does the set change the base
@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
+from bench.edit_quality import device_name, load_dataset, write_atomic
+from editing import AdapterSet, load_model
+from editing.evaluate import evaluate_facts
+from editing.metrics import answer_argmax, locality
+from editing.models import EMBEDDED_MODEL
+from editing.trainer import encode, gate_shift, residual_at
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from edit_quality import device_name, load_dataset, write_atomic  # noqa: E402
-
-from editing import AdapterSet, load_model  # noqa: E402
-from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.metrics import answer_argmax, locality  # noqa: E402
-from editing.trainer import encode, gate_shift, residual_at  # noqa: E402
 
 
 @torch.no_grad()
@@ -95,7 +93,7 @@ def main(argv=None):
     adapter_set = AdapterSet.load(args.set_dir)
     if adapter_set.method != "baft":
         raise SystemExit(f"{args.set_dir} is a {adapter_set.method} set; only BaFT sets have gates")
-    model, tokenizer = load_model(adapter_set.base_model or "smollm2-135m")
+    model, tokenizer = load_model(adapter_set.base_model or EMBEDDED_MODEL)
     facts = load_dataset(args.dataset, args.data_dir)[args.offset:args.offset + args.T]
     if not set(adapter_set.fact_ids) <= {f.fact_id for f in facts}:   # superseded facts are gone
         raise SystemExit(f"{args.set_dir} does not edit the first {args.T} {args.dataset} facts "
@@ -116,7 +114,7 @@ def main(argv=None):
         f"Set `{args.set_dir}` ({len(facts)} {args.dataset} facts, "
         f"{sum(iv.rank for b in adapter_set.blocks for iv in b.interventions.values())} bases), "
         f"device `{device_name()}`.", "",
-        f"Command: `python bench/gate_diagnosis.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+        f"Command: `python -m bench.gate_diagnosis {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
         "## Strongest pooled basis weight on the locality prompts", "",
         "| locality prompts | count | median strongest weight | max |", "|---|---|---|---|",
         f"| answer changed (locality < 1) | {len(failing)} | {median(failing)} | "

@@ -1,7 +1,7 @@
 """Benchmark the fact-update stream: validate + deduplicate N generated records, then version.
 
-    python bench/ingest.py                 # 1,000,000 records, 10% duplicates, 1% bad
-    python bench/ingest.py --records 100000 --files 2
+    python -m bench.ingest                 # 1,000,000 records, 10% duplicates, 1% bad
+    python -m bench.ingest --records 100000 --files 2
 
 The records are written as JSON Lines files straight into the inbox of a fresh LEDIT_HOME
 (generation is not timed). The ingest then runs in a child process, so its peak RSS is the
@@ -119,10 +119,9 @@ def generate(inbox: Path, n: int, files: int, dup_frac: float, bad_frac: float, 
 
 def child(home: str) -> None:
     """Run one ingest and print its result (with this process's peak RSS) as JSON."""
-    sys.path.insert(0, str(ROOT))
     import polars  # noqa: F401  (the imports' share of the peak is reported apart)
 
-    from tasks.stream import dedupe, ledger, sources, validate, version  # noqa: F401
+    from tasks.stream import dedupe, ledger, readers, sources, validate, version  # noqa: F401
     from tasks.stream.ingest import ingest
 
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -134,45 +133,8 @@ def child(home: str) -> None:
     print(json.dumps(out))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=1_000_000)
-    ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--duplicates", type=float, default=0.10)
-    ap.add_argument("--bad", type=float, default=0.01)
-    ap.add_argument("--home", default=None, help="LEDIT_HOME to use (default: a temp dir, removed)")
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        child(args.child)
-        return 0
-
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    tmp = None if args.home else tempfile.mkdtemp(prefix="ledit-bench-")
-    home = Path(args.home or tmp)
-    try:
-        sys.path.insert(0, str(ROOT))
-        from tasks.stream.workspace import init_workspace
-
-        load0 = os.getloadavg()[0]
-        h = init_workspace(home)
-        t0 = time.perf_counter()
-        gen = generate(h.default_inbox, args.records, args.files, args.duplicates, args.bad)
-        gen_s = time.perf_counter() - t0
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, __file__, "--child", str(home)], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stdout, proc.stderr, file=sys.stderr)
-            return proc.returncode
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
+def results_table(gen: dict, res: dict) -> tuple[list[tuple[str, str]], bool]:
+    """The table's rows, and whether the counts match the generator and the targets hold."""
     t = res["timings"]
     vd = t["validate_s"] + t["dedupe_s"]
     version_s = sum(t.get(k, 0) for k in ("write_s", "dvc_add_s", "commit_s", "dvc_push_s"))
@@ -202,6 +164,49 @@ def main() -> int:
         ("whole `ingest()` wall time", f"{res['wall_s']:.1f} s"),
         ("targets met", "yes" if target and ok_counts else "**NO**"),
     ]
+    return rows, target and ok_counts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--duplicates", type=float, default=0.10)
+    ap.add_argument("--bad", type=float, default=0.01)
+    ap.add_argument("--home", default=None, help="LEDIT_HOME to use (default: a temp dir, removed)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return 0
+
+    from editing import offline
+
+    offline.apply()
+    tmp = None if args.home else tempfile.mkdtemp(prefix="ledit-bench-")
+    home = Path(args.home or tmp)
+    try:
+        from tasks.stream.workspace import init_workspace
+
+        load0 = os.getloadavg()[0]
+        h = init_workspace(home)
+        t0 = time.perf_counter()
+        gen = generate(h.default_inbox, args.records, args.files, args.duplicates, args.bad)
+        gen_s = time.perf_counter() - t0
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, __file__, "--child", str(home)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stdout, proc.stderr, file=sys.stderr)
+            return proc.returncode
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    rows, met = results_table(gen, res)
     import polars as pl
 
     head = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (load average "
@@ -211,12 +216,12 @@ def main() -> int:
             f"{args.bad:.0%} bad records ({', '.join(BAD_KINDS)}).")
     table = "| step | result |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     text = (f"# Ingest benchmark: {args.records:,} records\n\n"
-            f"`python bench/ingest.py --records {args.records} --files {args.files}`\n\n"
+            f"`python -m bench.ingest --records {args.records} --files {args.files}`\n\n"
             f"{head}\n\n{table}\n")
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text, encoding="utf-8")
-    return 0 if (target and ok_counts) else 1
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Lifelong editing: T edits applied in sequential nightly batches, each batch a new
 block trained on top of the set so far (BaFT; ReFT and LoRA applied the same way).
 
-    .venv/bin/python bench/lifelong.py                                   # T = 10 and 100, both datasets
-    .venv/bin/python bench/lifelong.py --datasets zsre --T 1000 --batch-size 100   # on a GPU
-    .venv/bin/python bench/lifelong.py --overhead-only --overhead-edits 1000
-    .venv/bin/python bench/lifelong.py --overhead-only --overhead-edits 0 --overhead-sets SAVED_SET_DIR
+    .venv/bin/python -m bench.lifelong                                   # T = 10 and 100, both datasets
+    .venv/bin/python -m bench.lifelong --datasets zsre --T 1000 --batch-size 100   # on a GPU
+    .venv/bin/python -m bench.lifelong --overhead-only --overhead-edits 1000
+    .venv/bin/python -m bench.lifelong --overhead-only --overhead-edits 0 --overhead-sets SAVED_SET_DIR
 
 Two protocols, both reported:
 - immediate: each batch scored right after it is applied, averaged over batches;
@@ -28,23 +28,21 @@ from pathlib import Path
 
 import torch
 
+from bench.edit_quality import device_name, load_dataset, newest_rows, parse_overrides, write_atomic
+from editing import AdapterSet, BaFTIntervention, edit, load_model
+from editing.adapters import Block
+from editing.evaluate import evaluate_facts
+from editing.metrics import answer_argmax
+from tasks.settings import Settings, load_settings
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from edit_quality import device_name, load_dataset, newest_rows, parse_overrides, write_atomic  # noqa: E402
-
-from editing import AdapterSet, BaFTIntervention, edit, load_model, load_params  # noqa: E402
-from editing.adapters import Block  # noqa: E402
-from editing.evaluate import evaluate_facts  # noqa: E402
-from editing.metrics import answer_argmax  # noqa: E402
-
+COMMAND = "python -m bench.lifelong"
 TRIO = ("reliability", "generality", "locality")
 
 
-def run_sequence(model, tokenizer, facts, method, params, batch_size):
+def run_sequence(model, tokenizer, facts, method, settings: Settings, batch_size):
     """Apply ``facts`` in batches; returns (immediate means per batch, final result, seconds, set)."""
-    p = dict(params["edit"], method=method)
+    config = settings.edit.override({"method": method})
     loc_pairs = [(x["prompt"], x["answer"]) for f in facts for x in f.locality]
     base_loc = answer_argmax(model, tokenizer, loc_pairs)
     offsets, n = [], 0
@@ -55,7 +53,7 @@ def run_sequence(model, tokenizer, facts, method, params, batch_size):
     for start in range(0, len(facts), batch_size):
         batch = facts[start:start + batch_size]
         t0 = time.perf_counter()
-        current = edit(model, tokenizer, batch, p, base=current, progress=False,
+        current = edit(model, tokenizer, batch, config, base=current, progress=False,
                        training_run=f"night-{start // batch_size + 1}")
         seconds += time.perf_counter() - t0
         loc = [base_loc[offsets[start + i] + j] for i, f in enumerate(batch) for j in range(len(f.locality))]
@@ -98,17 +96,16 @@ def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds
     return {"bare_s": b, "edited_s": e, "ratio": e / b, "tokens": new_tokens * len(prompts)}
 
 
-def synthetic_set(model, n_edits: int, params: dict) -> AdapterSet:
+def synthetic_set(model, n_edits: int, settings: Settings) -> AdapterSet:
     """A set with the shapes of ``n_edits`` trained BaFT edits (random, closed gates):
     inference cost depends on the number of bases, not on what they learned."""
-    cfg = params["edit"]["baft"]
-    rank = n_edits * cfg["bases_per_edit"]
+    cfg = settings.edit.baft
+    rank = n_edits * cfg.bases_per_edit
     out = AdapterSet.for_model(model, "baft")
     block = Block(fact_ids=[f"synthetic-{i}" for i in range(n_edits)],
-                  owner=torch.arange(n_edits).repeat_interleave(cfg["bases_per_edit"]))
-    for L in params["edit"]["layers"]:
-        iv = BaFTIntervention(model.config.hidden_size, rank, True, cfg["sharpness"], cfg["threshold"],
-                              cfg["gate_layer"])
+                  owner=torch.arange(n_edits).repeat_interleave(cfg.bases_per_edit))
+    for L in settings.edit.layers:
+        iv = BaFTIntervention(model.config.hidden_size, rank, True, cfg.sharpness, cfg.threshold, cfg.gate_layer)
         iv.init_keys(torch.randn(rank, model.config.hidden_size))
         block.interventions[L] = iv.requires_grad_(False)
     out.add_block(block)
@@ -157,7 +154,7 @@ def plot_all(rows: list[dict], out: Path) -> list[str]:
     return names
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["zsre", "counterfact"])
     ap.add_argument("--T", nargs="+", type=int, default=[10, 100], help="total edits per run")
@@ -181,18 +178,24 @@ def main(argv=None):
     ap.add_argument("--note", action="append", default=[], help="a line to add under the table")
     ap.add_argument("--save-sets", type=Path, default=None,
                     help="also save each final adapter set to DIR/<dataset>-T<T>-<method>")
-    args = ap.parse_args(argv)
+    return ap
+
+
+PROBE_PROMPTS = ["The capital of France is", "My favourite book is", "The river Nile flows"]
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.render_only:
         rows = read_rows(args.rows)
         plot_all(rows, args.out)
-        table = render(rows, None, args, load_params(), args.note)
+        table = render(rows, None, args, load_settings(), args.note)
         write_atomic(args.out, table)
         print(table)
         return
 
-    params = load_params(overrides=parse_overrides(args.overrides))
-    model, tokenizer = load_model(params["model"]["name"])
-    probe_prompts = ["The capital of France is", "My favourite book is", "The river Nile flows"]
+    settings = load_settings(overrides=parse_overrides(args.overrides))
+    model, tokenizer = load_model(settings.model)
     rows, notes = [], []
     for dataset in [] if args.overhead_only else args.datasets:
         all_facts = load_dataset(dataset, args.data_dir)[args.offset:]
@@ -202,61 +205,69 @@ def main(argv=None):
                 notes.append(f"{dataset}: only {len(facts)} usable records from offset {args.offset}; T={T} not run")
                 continue
             batch_size = args.batch_size or max(1, T // 10)
-            retention = {}
             for method in args.methods:
-                print(f"{dataset} T={T} {method} ({T // batch_size} batches of {batch_size})", flush=True)
-                immediate, final, seconds, final_set = run_sequence(model, tokenizer, facts, method, params,
-                                                                    batch_size)
-                with tempfile.TemporaryDirectory() as tmp:
-                    where = args.save_sets / f"{dataset}-T{T}-{method}" if args.save_sets else Path(tmp) / "set"
-                    size = (final_set.save(where) / "adapter.safetensors").stat().st_size
-                over = overhead_ratio(model, tokenizer, final_set, probe_prompts, rounds=args.overhead_rounds) \
-                    if args.overhead_rounds else {"ratio": float("nan")}
-                per_fact = final["per_fact"]
-                retention[method] = [statistics.mean(r["reliability"] for r in per_fact[i:i + batch_size])
-                                     for i in range(0, T, batch_size)]
-                row = {"dataset": dataset, "T": T, "batch": batch_size, "method": method,
-                       "overrides": " ".join(args.overrides),
-                       **{f"imm_{k}": statistics.mean(m[k] for m in immediate if m[k] is not None) for k in TRIO},
-                       **{f"fin_{k}": final["means"][k] for k in TRIO},
-                       "s_per_edit": seconds / T, "bytes_per_edit": size / T, "overhead": over["ratio"],
-                       "retention": retention[method],
-                       "command": "python bench/lifelong.py " + " ".join(sys.argv[1:])}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.rows:
-                    with open(args.rows, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
+                rows.append(run_method(model, tokenizer, facts, dataset, method, batch_size, settings, args))
             # Plotted from the rows file when there is one, so that methods run
             # separately share one plot.
             plotted = [r for r in read_rows(args.rows) if (r["dataset"], r["T"]) == (dataset, T)] \
                 if args.rows else [r for r in rows if (r["dataset"], r["T"]) == (dataset, T)]
             notes.extend(f"retention plot: `{name}`" for name in plot_all(plotted, args.out))
-    overheads = []   # sets timed on their own: saved real sets, then the synthetic one
-    for where in args.overhead_sets if args.overhead_rounds else []:
-        saved = AdapterSet.load(where)
-        overheads.append({"set": str(where), "edits": len(saved.fact_ids),
-                          **overhead_ratio(model, tokenizer, saved, probe_prompts, rounds=args.overhead_rounds)})
-        print(json.dumps(overheads[-1]), flush=True)
-    if args.overhead_edits and args.overhead_rounds:
-        overheads.append({"set": "synthetic (random keys: its gates never open)", "edits": args.overhead_edits,
-                          **overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, params),
-                                           probe_prompts, rounds=args.overhead_rounds)})
-        print(json.dumps(overheads[-1]), flush=True)
-    table = render(rows, overheads, args, params, notes + args.note)
+    table = render(rows, overheads(model, tokenizer, settings, args), args, settings, notes + args.note)
     write_atomic(args.out, table)
     print(table)
+
+
+def run_method(model, tokenizer, facts, dataset, method, batch_size, settings: Settings, args) -> dict:
+    """One method's run over ``facts`` in nightly batches: its result row, printed and kept in --rows."""
+    T = len(facts)
+    print(f"{dataset} T={T} {method} ({T // batch_size} batches of {batch_size})", flush=True)
+    immediate, final, seconds, final_set = run_sequence(model, tokenizer, facts, method, settings, batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        where = args.save_sets / f"{dataset}-T{T}-{method}" if args.save_sets else Path(tmp) / "set"
+        size = (final_set.save(where) / "adapter.safetensors").stat().st_size
+    over = overhead_ratio(model, tokenizer, final_set, PROBE_PROMPTS, rounds=args.overhead_rounds) \
+        if args.overhead_rounds else {"ratio": float("nan")}
+    per_fact = final["per_fact"]
+    retention = [statistics.mean(r["reliability"] for r in per_fact[i:i + batch_size])
+                 for i in range(0, T, batch_size)]
+    row = {"dataset": dataset, "T": T, "batch": batch_size, "method": method,
+           "overrides": " ".join(args.overrides),
+           **{f"imm_{k}": statistics.mean(m[k] for m in immediate if m[k] is not None) for k in TRIO},
+           **{f"fin_{k}": final["means"][k] for k in TRIO},
+           "s_per_edit": seconds / T, "bytes_per_edit": size / T, "overhead": over["ratio"],
+           "retention": retention, "command": f"{COMMAND} " + " ".join(sys.argv[1:])}
+    print(json.dumps(row), flush=True)
+    if args.rows:
+        with open(args.rows, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def overheads(model, tokenizer, settings: Settings, args) -> list[dict]:
+    """Sets timed on their own: saved real sets (--overhead-sets), then the synthetic one."""
+    out = []
+    for where in args.overhead_sets if args.overhead_rounds else []:
+        saved = AdapterSet.load(where)
+        out.append({"set": str(where), "edits": len(saved.fact_ids),
+                    **overhead_ratio(model, tokenizer, saved, PROBE_PROMPTS, rounds=args.overhead_rounds)})
+        print(json.dumps(out[-1]), flush=True)
+    if args.overhead_edits and args.overhead_rounds:
+        out.append({"set": "synthetic (random keys: its gates never open)", "edits": args.overhead_edits,
+                    **overhead_ratio(model, tokenizer, synthetic_set(model, args.overhead_edits, settings),
+                                     PROBE_PROMPTS, rounds=args.overhead_rounds)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def _ratio(x: float) -> str:
     return "-" if x != x else f"{x:.3f}x"    # NaN: not measured
 
 
-def render(rows, overheads, args, params, notes) -> str:
+def render(rows, overheads, args, settings: Settings, notes) -> str:
     device = device_name()
     out = [f"# Lifelong editing ({time.strftime('%Y-%m-%d')})", "",
-           f"Command: `python bench/lifelong.py {' '.join(sys.argv[1:])}`  ",
-           f"Model: {params['model']['name']}; device: {device}; records from offset {args.offset}; "
+           f"Command: `{COMMAND} {' '.join(sys.argv[1:])}`  ",
+           f"Model: {settings.model.name}; device: {device}; records from offset {args.offset}; "
            f"overrides: {' '.join(args.overrides) or 'none'}.", "",
            "*immediate*: each batch scored right after it was applied (mean over batches). "
            "*final*: every edit scored on the final set (the WISE protocol: retention). "

@@ -1,7 +1,7 @@
 """Wall time of one nightly run: orchestration, tracking and versioning against training and evaluation.
 
-    .venv/bin/python bench/pipeline.py                 # 100 CounterFact facts, the embedded model
-    .venv/bin/python bench/pipeline.py --facts 4 --out /tmp/pipeline.md   # a smoke check
+    .venv/bin/python -m bench.pipeline                 # 100 CounterFact facts, the embedded model
+    .venv/bin/python -m bench.pipeline --facts 4 --out /tmp/pipeline.md   # a smoke check
 
 Sets up a fresh LEDIT_HOME (git + DVC workspace, SQLite MLflow) and PREFECT_HOME in a temporary
 directory, submits CounterFact records from 1000 on (off the held-out evaluation slice 0-63) to
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 COMPUTE = {"probe": "probing the base before training (the gate's)", "train": "training",
            "evaluate": "evaluation"}
@@ -67,7 +66,7 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")   # slow machines
     from prefect import flow
 
-    from editing.params import load_params, merge
+    from editing.config import merge, read_yaml
     from flows.nightly import nightly_refresh
     from tasks.stream.sources import submit
     from tasks.stream.workspace import init_workspace
@@ -78,7 +77,7 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
         over["model"] = {"name": model}
     if shards:
         over["pipeline"] = {"shards": shards}
-    params = merge(load_params(), over)
+    params = merge(read_yaml(), over)
     home = init_workspace(work / "home")
     batch = work / "counterfact-batch.json"
     batch.write_text(json.dumps(records), encoding="utf-8")
@@ -190,7 +189,7 @@ def main(argv=None) -> int:
             f"Run status: {r['status']} ({r['version']}); gate figures: "
             + ", ".join(f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in r["gate"].items())
             + (f"; reasons: {'; '.join(r['reasons'])}" if r.get("reasons") else "")
-            + f".\n\nCommand: `.venv/bin/python bench/pipeline.py --facts {args.facts}`\n\n")
+            + f".\n\nCommand: `.venv/bin/python -m bench.pipeline --facts {args.facts}`\n\n")
     text = head + table(r) + checks_table(r) + "\n"
     print(text)
     if not r["timings"]:

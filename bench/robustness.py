@@ -1,7 +1,7 @@
 """What the stream and the pipeline do with hostile input, faults and load: a table.
 
-    python bench/robustness.py                   # inputs, fault points, infrastructure, load
-    python bench/robustness.py --only inputs     # or: kills, infra, load (repeatable)
+    python -m bench.robustness                   # inputs, fault points, infrastructure, load
+    python -m bench.robustness --only inputs     # or: kills, infra, load (repeatable)
 
 - **inputs**: every class of bad file (and a few good ones that older readers refused) goes
   through a real `ingest` into one git + DVC workspace, one class per run. A row gives the
@@ -36,11 +36,10 @@ from pathlib import Path
 
 import yaml
 
+from editing.offline import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "robustness.md"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "true",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
 #: small enough that the size classes below stay small files
 LIMITS = {"max_file_bytes": 2_000_000, "max_line_bytes": 100_000, "max_records": 5_000,
           "max_depth": 16, "max_read_attempts": 2}
@@ -117,7 +116,7 @@ def input_classes() -> list[tuple[str, str, bytes]]:
 
 
 def bench_params(tmp: Path, tiny: str | None = None) -> Path:
-    from editing.params import load_params, merge
+    from editing.config import merge, read_yaml
     from tasks.pipeline.gate import open_thresholds
 
     over: dict = {"ingest": LIMITS}
@@ -127,12 +126,12 @@ def bench_params(tmp: Path, tiny: str | None = None) -> Path:
             "edit": {"layers": [2], "steps": 5, "batch_size": 16, "early_stop": {"check_every": 5},
                      "baft": {"gate_layer": 1, "prefixes": 1, "prefix_tokens": 3, "subject_swaps": 1}},
             "eval": {"fluency_tokens": 0},
-            "gate": {**open_thresholds(), "probes": {"standing_size": 3, "standing_tokens": 4,
+            "gate": {**open_thresholds().thresholds(), "probes": {"standing_size": 3, "standing_tokens": 4,
                                                      "subject_probes": 2, "subject_tokens": 4,
                                                      "strict_facts": 4, "strict_tokens": 4}},
             "pipeline": {"log_pyfunc": False, "lock_timeout_s": 1800}})
     path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(merge(load_params(ROOT / "params.yaml"), over)), encoding="utf-8")
+    path.write_text(yaml.safe_dump(merge(read_yaml(ROOT / "params.yaml"), over)), encoding="utf-8")
     return path
 
 
@@ -232,7 +231,7 @@ class Site:
 
     def env(self, **extra) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env.update(OFFLINE, LEDIT_PARAMS=str(self.params_path), PYTHONPATH=str(ROOT), **extra)
+        env.update(OFFLINE_ENV, LEDIT_PARAMS=str(self.params_path), PYTHONPATH=str(ROOT), **extra)
         return env
 
     def facts_file(self, k: int = 1) -> Path:
@@ -264,11 +263,14 @@ class Site:
         from tasks.stream import ledger
         from tasks.pipeline import store as pub
         from tasks.stream.ingest import read_journal
-        from tasks.pipeline.core import pending_facts, production_status, unprocessed_batches
+        from tasks.pipeline.batches import unprocessed_batches
+        from tasks.pipeline.report import production_status
+        from tasks.pipeline.state import pending_facts
+        from tasks.settings import as_settings
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{self.home.root / 'mlflow.db'}"
         try:
-            p = production_status(self.home, self.params)
+            p = production_status(self.home, as_settings(self.params))
         finally:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         _, live_set = pub.load_production(self.home)
@@ -491,10 +493,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    for k, v in OFFLINE.items():
+    for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     sections = args.only or list(SECTIONS)
-    parts = [f"# Robustness: hostile input, faults and load\n\n`python bench/robustness.py"
+    parts = [f"# Robustness: hostile input, faults and load\n\n`python -m bench.robustness"
              f"{''.join(f' --only {s}' for s in args.only or [])}` on {platform.node()} "
              f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"]
     with tempfile.TemporaryDirectory(prefix="ledit-robustness-") as tmp:

@@ -1,6 +1,6 @@
 """Can a key tell "the same question, other words" from "the same subject, another relation"?
 
-    .venv/bin/python bench/separability.py            # 40 CounterFact facts, 40 KnowEdit zsRE facts
+    .venv/bin/python -m bench.separability            # 40 CounterFact facts, 40 KnowEdit zsRE facts
 
 Issue 17's diagnostic. An edit should fire on its own fact's rephrasings and stay quiet when its
 subject is asked about another relation. This measures, at each layer, whether the state of the
@@ -27,13 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.edit_quality import load_dataset, write_atomic
+from editing import load_model
+from editing.trainer import _asks, _text_center, load_training_templates
 
-from edit_quality import load_dataset, write_atomic  # noqa: E402
-from editing import load_model  # noqa: E402
-from editing.trainer import _asks, _text_center, load_training_templates  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LAYERS = (4, 8, 12, 16, 20, 24, 28)
 # The training templates' relations asked as questions, for question-form facts (zsRE).
@@ -104,7 +102,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     model, tokenizer = load_model()
     lines = ["# Rephrasings against the subject's other relations, at the last prompt token", "",
-             f"Command: `python bench/separability.py {' '.join(sys.argv[1:])}`", ""]
+             f"Command: `python -m bench.separability {' '.join(sys.argv[1:])}`", ""]
     for name in args.datasets:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,7 +1,7 @@
 """``ledit why`` on held-out facts: does it name the right fact, and nothing where nothing was edited?
 
-    .venv/bin/python bench/why.py                                  # 64 CounterFact facts, batch 64
-    .venv/bin/python bench/why.py --dataset zsre --facts 64 --locality 2
+    .venv/bin/python -m bench.why                                  # 64 CounterFact facts, batch 64
+    .venv/bin/python -m bench.why --dataset zsre --facts 64 --locality 2
 
 Edits a batch of held-out facts (records from --offset, the same slice as bench/edit_quality.py),
 then runs ``editing.provenance.explain`` on each edited prompt, each rephrase and up to
@@ -19,13 +19,30 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.edit_quality import load_dataset, write_atomic
+from editing import edit, load_model
+from editing.provenance import explain
+from tasks.settings import load_settings
 
-from edit_quality import load_dataset, write_atomic  # noqa: E402
-from editing import edit, load_model, load_params  # noqa: E402
-from editing.provenance import explain  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def count_named(facts, names, locality: int) -> dict[str, list[int]]:
+    """Per kind of prompt, [right, alone, n]: its fact named, only its fact named (for a locality
+    prompt: no fact named), and how many prompts; ``names(prompt)`` lists the facts that fired."""
+    rows = {"prompt": [0, 0, 0], "rephrase": [0, 0, 0], "locality": [0, 0, 0]}
+    for f in facts:
+        for kind, prompts in (("prompt", [f.prompt]), ("rephrase", f.rephrase_prompts)):
+            for p in prompts:
+                fired = names(p)
+                rows[kind][0] += f.fact_id in fired
+                rows[kind][1] += fired == [f.fact_id]
+                rows[kind][2] += 1
+        for pair in f.locality[:locality]:
+            fired = names(pair["prompt"])
+            rows["locality"][0] += not fired
+            rows["locality"][2] += 1
+    return rows
 
 
 def main(argv=None):
@@ -39,31 +56,20 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "why.md")
     args = ap.parse_args(argv)
 
-    params = load_params()
-    audit = params["audit"]
-    model, tokenizer = load_model(params["model"]["name"])
+    settings = load_settings()
+    audit = settings.audit
+    model, tokenizer = load_model(settings.model)
     facts = load_dataset(args.dataset, args.data_dir)[args.offset:args.offset + args.facts]
     t0 = time.perf_counter()
-    adapter_set = edit(model, tokenizer, facts, params["edit"], progress=False)
+    adapter_set = edit(model, tokenizer, facts, settings.edit, progress=False)
     train_s = time.perf_counter() - t0
 
     def names(prompt):
-        out = explain(model, tokenizer, adapter_set, prompt, audit["answer_tokens"], audit["fired_weight"])
+        out = explain(model, tokenizer, adapter_set, prompt, audit.answer_tokens, audit.fired_weight)
         return [f["fact_id"] for f in out["firings"]]
 
-    rows = {"prompt": [0, 0, 0], "rephrase": [0, 0, 0], "locality": [0, 0, 0]}   # right, alone, n
     t0 = time.perf_counter()
-    for f in facts:
-        for kind, prompts in (("prompt", [f.prompt]), ("rephrase", f.rephrase_prompts)):
-            for p in prompts:
-                fired = names(p)
-                rows[kind][0] += f.fact_id in fired
-                rows[kind][1] += fired == [f.fact_id]
-                rows[kind][2] += 1
-        for pair in f.locality[:args.locality]:
-            fired = names(pair["prompt"])
-            rows["locality"][0] += not fired
-            rows["locality"][2] += 1
+    rows = count_named(facts, names, args.locality)
     explain_s = time.perf_counter() - t0
     n_explained = sum(r[2] for r in rows.values())
 
@@ -71,9 +77,9 @@ def main(argv=None):
         return "-" if not n else f"{a / n:.3f}"
 
     lines = [f"# ledit why on held-out facts ({time.strftime('%Y-%m-%d')})", "",
-             f"Command: `python bench/why.py {' '.join(sys.argv[1:])}`  ",
-             f"{len(facts)} {args.dataset} facts from record {args.offset}, one batch; model {params['model']['name']}, "
-             f"fired weight {audit['fired_weight']}, {audit['answer_tokens']} answer tokens; "
+             f"Command: `python -m bench.why {' '.join(sys.argv[1:])}`  ",
+             f"{len(facts)} {args.dataset} facts from record {args.offset}, one batch; model {settings.model.name}, "
+             f"fired weight {audit.fired_weight}, {audit.answer_tokens} answer tokens; "
              f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads.  ",
              f"Training {train_s:.0f} s; {n_explained} explanations in {explain_s:.0f} s "
              f"({explain_s / max(1, n_explained):.2f} s each).", "",

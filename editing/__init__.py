@@ -8,7 +8,9 @@ from importlib import import_module
 _EXPORTS = {
     "AdapterError": "adapters", "AdapterSet": "adapters", "Block": "adapters",
     "BaFTIntervention": "baft", "edit": "editor", "Fact": "facts", "FactError": "facts",
-    "load_facts": "facts", "fingerprint": "models", "load_model": "models", "load_params": "params",
+    "load_facts": "facts", "fingerprint": "models", "load_model": "models",
+    "ConfigError": "config", "EditConfig": "config", "ModelConfig": "config",
+    "UnsupportedModel": "architecture",
 }
 __all__ = sorted(_EXPORTS)
 

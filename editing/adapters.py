@@ -14,8 +14,8 @@ beside its destination and swapped in with a rename, so a crash leaves the old
 set or the new one, never half of one.
 
 Lifelong editing operates on the set (each returns a new set, the old one is
-left as it was): ``extend`` trains a new block on top, ``retract`` removes the
-bases of single facts, ``rollback`` removes a whole block, ``consolidate``
+left as it was): ``editing.edit(..., base=set)`` trains a new block on top,
+``retract`` removes the bases of single facts, ``rollback`` removes a whole block, ``consolidate``
 merges every block into one. Because the blocks at a layer act as one sum of
 basis terms, removing a fact's or a block's bases gives exactly the outputs of
 the set that never had them.
@@ -36,9 +36,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attach import AttachHandle, attach_interventions, decoder_layers
+from . import lora
+from .attach import AttachHandle, attach_interventions
 from .baft import BaFTIntervention
-from .facts import Fact, fact_key
+from .facts import Fact
 from .models import fingerprint
 
 FORMAT_VERSION = 1
@@ -86,13 +87,17 @@ class Block:
     def layers(self) -> list[int]:
         return sorted(self.interventions or self.lora)
 
+    @property
+    def is_lora(self) -> bool:
+        return bool(self.lora)
+
     def without(self, drop: set[int]) -> "Block | None":
         """This block less the facts at indices ``drop``; None when nothing is left."""
         if not drop:
             return self
         if len(drop) == len(self.fact_ids):
             return None
-        if self.lora:
+        if self.is_lora:
             raise AdapterError(f"block {self.block_id} is a LoRA block: its weights are shared by all "
                                "its facts, so single facts cannot be removed; roll back the block")
         keep_facts = [i for i in range(len(self.fact_ids)) if i not in drop]
@@ -114,7 +119,7 @@ class AdapterSet:
     base_fingerprint: str
     method: str
     blocks: list[Block] = field(default_factory=list)
-    # What the call that made this set changed (edit/extend): added, superseded,
+    # What the call that made this set changed (edit): added, superseded,
     # retracted fact ids and the new block's id. Not saved.
     changes: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -123,6 +128,11 @@ class AdapterSet:
     def for_model(cls, model, method: str) -> "AdapterSet":
         return cls(base_model=str(getattr(model.config, "name_or_path", "")),
                    base_fingerprint=fingerprint(model), method=method)
+
+    @property
+    def is_lora(self) -> bool:
+        """A set of the LoRA baseline: weights per layer, not bases."""
+        return self.method == "lora"
 
     def add_block(self, block: Block) -> Block:
         self.blocks.append(block)
@@ -150,12 +160,6 @@ class AdapterSet:
                 if b.fact_ids[fi] == fid or (key is not None and b.records and b.records[fi]["key"] == key)]
 
     # -- lifelong operations (each returns a new set) ---------------------------
-    def extend(self, model, tokenizer, facts: list[Fact], params: dict, *, progress: bool = True,
-               **block_meta) -> "AdapterSet":
-        """Apply ``facts`` (upserts and retracts) on top of this set; see ``editing.edit``."""
-        from .editor import edit
-        return edit(model, tokenizer, facts, params, base=self, progress=progress, **block_meta)
-
     def retract(self, facts: list[Fact | str]) -> "AdapterSet":
         """This set without the edits of ``facts`` (fact ids or Facts).
         Raises UnknownFactError, changing nothing, if any of them is not live."""
@@ -194,8 +198,8 @@ class AdapterSet:
                        stats={"consolidated_from": [
                            {"block_id": b.block_id, "training_run": b.training_run,
                             "data_version": b.data_version, "facts": len(b.fact_ids)} for b in self.blocks]})
-        if self.method == "lora":
-            merged.lora = {L: _merge_lora([b.lora[L] for b in self.blocks]) for L in self.layers}
+        if self.is_lora:
+            merged.lora = {L: lora.merge([b.lora[L] for b in self.blocks]) for L in self.layers}
         else:
             merged.interventions = {L: BaFTIntervention.stack([b.interventions[L] for b in self.blocks])
                                     for L in self.layers}
@@ -228,12 +232,13 @@ class AdapterSet:
                 f"{found}. Load the same base model to use it.")
 
     def attach(self, model, check: bool = True) -> AttachHandle:
-        """Attach every block to ``model``; ``handle.remove()`` detaches them."""
+        """Attach every block to ``model``: ``with adapter_set.attach(model): ...``
+        (or ``handle.remove()``) detaches them."""
         if check:
             self.check_base(model)
+        if self.is_lora:
+            return lora.attach(model, [b.lora for b in self.blocks])
         device = next(model.parameters()).device
-        if self.method == "lora":
-            return _attach_lora(model, self.blocks, device)
         return attach_interventions(model, {L: m.to(device) for L, m in self.interventions().items()})
 
     # -- saving and loading ---------------------------------------------------
@@ -331,40 +336,22 @@ class AdapterSet:
                           owner=tensors.get(f"blocks.{i}.owner"))
             for L in meta["layers"]:
                 prefix = f"blocks.{i}.layers.{L}."
-                if manifest["method"] == "lora":
+                if out.is_lora:
                     block.lora[L] = {"A": tensors[prefix + "lora_A"], "B": tensors[prefix + "lora_B"],
                                      "scale": float(meta["lora_scale"][str(L)])}
-                    continue
-                g = meta["gate"]
-                iv = BaFTIntervention(g["hidden_size"], g["rank"], g["gated"], g["sharpness"], g["threshold"],
-                                      g.get("gate_layer"), g.get("query", False))
-                with torch.no_grad():
-                    for name in TENSORS + (QUERY_TENSORS if iv.query else ()):
-                        getattr(iv, name).copy_(tensors[prefix + name])
-                iv.requires_grad_(False)
-                block.interventions[L] = iv
+                else:
+                    block.interventions[L] = _intervention(meta["gate"], tensors, prefix)
             out.blocks.append(block)
         return out
 
 
-def _merge_lora(parts: list[dict]) -> dict:
-    """sum_i s_i B_i A_i = [s_1 B_1 ... s_n B_n] [A_1; ...; A_n]: one LoRA of the summed rank."""
-    return {"A": torch.cat([p["A"] for p in parts]),
-            "B": torch.cat([p["scale"] * p["B"] for p in parts], dim=1), "scale": 1.0}
-
-
-def _attach_lora(model, blocks: list[Block], device) -> AttachHandle:
-    layers = decoder_layers(model)
-    handle = AttachHandle()
-    for b in blocks:
-        for L, lw in b.lora.items():
-            A, B, scale = lw["A"].to(device), lw["B"].to(device), lw["scale"]
-
-            def hook(module, args, output, A=A, B=B, scale=scale):
-                x = args[0]
-                return output + scale * ((x.to(A.dtype) @ A.T) @ B.T).to(output.dtype)
-            handle.hooks.append(layers[L].mlp.down_proj.register_forward_hook(hook))
-    return handle
+def _intervention(config: dict, tensors: dict[str, torch.Tensor], prefix: str) -> BaFTIntervention:
+    """A saved intervention: its manifest ``gate`` config and its tensors under ``prefix``."""
+    iv = BaFTIntervention.from_config(config)
+    with torch.no_grad():
+        for name in TENSORS + (QUERY_TENSORS if iv.query else ()):
+            getattr(iv, name).copy_(tensors[prefix + name])
+    return iv.requires_grad_(False)
 
 
 def _sha256(path: Path) -> str:

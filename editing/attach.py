@@ -1,4 +1,5 @@
-"""Attaching interventions to named components of a Hugging Face causal LM.
+"""Attaching interventions to the decoder layers of a Hugging Face causal LM
+(``architecture`` finds them in each model family).
 
 An intervention at layer L rewrites the residual stream entering decoder layer L,
 at every position, through a forward pre-hook (pyvene's "block_input").
@@ -16,23 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import architecture
+from .architecture import decoder_layers
 from .baft import causal_pool
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    """The decoder blocks of a causal LM (Llama, Mistral, Qwen, GPT-2 style...)."""
-    base = getattr(model, "base_model", model)
-    for path in ("model.layers", "layers", "transformer.h", "model.decoder.layers",
-                 "gpt_neox.layers"):
-        obj = base
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 def _rewrite_first(fn):
@@ -45,22 +32,19 @@ def _rewrite_first(fn):
     return hook
 
 
-def _inner_model(model) -> nn.Module:
-    base = getattr(model, "base_model", model)
-    return getattr(base, "model", None) or base.get_decoder()
-
-
 @dataclass
 class GateState:
     """Basis weights pooled at the gate layer, read by the content hook."""
     weights: torch.Tensor | None = None   # (batch, T, rank) for the current call
     running: torch.Tensor | None = None   # (batch, rank) maximum so far (KV cache)
     mask: torch.Tensor | None = None      # 2-D attention mask of the current call
+    continuing: bool = False              # the call extends a KV cache (decoding)
 
 
 @dataclass
 class AttachHandle:
-    """What ``attach`` returns: ``.remove()`` restores the bare model."""
+    """What ``attach`` returns, a context manager: leaving it (or ``.remove()``) restores
+    the bare model."""
     hooks: list = field(default_factory=list)
     modules: dict = field(default_factory=dict)
     states: dict = field(default_factory=dict)   # {layer: GateState}
@@ -77,15 +61,22 @@ class AttachHandle:
         self.remove()
 
 
-def _gate_hook(module, gate_layer: int, state: GateState):
+def _gate_hook(module, state: GateState):
     def hook(layer, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
-        continuing = cache is not None and cache.get_seq_length(gate_layer) > 0
         valid = state.mask[:, -h.shape[1]:].bool() if state.mask is not None else None
-        past = state.running if continuing and state.running is not None else None
+        past = state.running if state.continuing and state.running is not None else None
         state.weights = causal_pool(module.weights(h), valid, past)
         state.running = state.weights[:, -1]
+    return hook
+
+
+def _call_hook(model, state: GateState, gate_layer: int):
+    """At the decoder: each call's attention mask, and whether it continues a KV cache
+    (read here, as some families pass the cache to their layers by position)."""
+    def hook(inner, args, kwargs):
+        state.mask, cache = architecture.decoder_call(model, args, kwargs)
+        state.continuing = cache is not None and cache.get_seq_length(gate_layer) > 0
     return hook
 
 
@@ -96,6 +87,9 @@ def _content_hook(module, state: GateState):
 
 
 def attach_interventions(model, interventions: dict[int, nn.Module]) -> AttachHandle:
+    """Hook ``interventions`` ({layer: module}) into ``model``; the handle is a context
+    manager that removes them."""
+    architecture.check(model)
     layers = decoder_layers(model)
     handle = AttachHandle(modules=dict(interventions))
     for layer, module in interventions.items():
@@ -108,11 +102,9 @@ def attach_interventions(model, interventions: dict[int, nn.Module]) -> AttachHa
         if not 0 <= gate_layer <= layer:
             raise ValueError(f"gate layer {gate_layer} must come at or before layer {layer}")
         state = handle.states[layer] = GateState()
-
-        def keep_mask(inner, args, kwargs, state=state):
-            state.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        handle.hooks.append(_inner_model(model).register_forward_pre_hook(keep_mask, with_kwargs=True))
+        handle.hooks.append(architecture.decoder(model).register_forward_pre_hook(
+            _call_hook(model, state, gate_layer), with_kwargs=True))
         handle.hooks.append(layers[gate_layer].register_forward_pre_hook(
-            _gate_hook(module, gate_layer, state), with_kwargs=True))
+            _gate_hook(module, state), with_kwargs=True))
         handle.hooks.append(layers[layer].register_forward_pre_hook(_content_hook(module, state), with_kwargs=True))
     return handle

@@ -150,9 +150,18 @@ class BaFTIntervention(nn.Module):
         self.R.copy_(q.T.to(self.R))
 
     def config(self) -> dict:
+        """The constructor's arguments, as saved in a manifest (``from_config`` reads them)."""
         return {"hidden_size": self.hidden_size, "rank": self.rank, "gated": self.gated,
                 "sharpness": self.sharpness, "threshold": self.threshold, "gate_layer": self.gate_layer,
                 "query": self.query}
+
+    @classmethod
+    def from_config(cls, config: dict, rank: int | None = None) -> "BaFTIntervention":
+        """A fresh intervention shaped as ``config()`` says (``rank`` overrides its rank);
+        manifests written before the question gate have no ``query`` or ``gate_layer``."""
+        return cls(config["hidden_size"], config["rank"] if rank is None else rank, config["gated"],
+                   config["sharpness"], config["threshold"], config.get("gate_layer"),
+                   config.get("query", False))
 
     def extra_repr(self) -> str:
         kind = "BaFT" if self.gated else "ReFT"
@@ -160,8 +169,7 @@ class BaFTIntervention(nn.Module):
 
     def select(self, rows: torch.Tensor) -> "BaFTIntervention":
         """A copy keeping only the bases ``rows``: the others' terms are simply gone."""
-        out = type(self)(self.hidden_size, len(rows), self.gated, self.sharpness, self.threshold,
-                         self.gate_layer, self.query)
+        out = type(self).from_config(self.config(), rank=len(rows))
         with torch.no_grad():
             for name in BASIS_TENSORS:
                 getattr(out, name).copy_(getattr(self, name)[rows.to(self.R.device)])
@@ -178,8 +186,7 @@ class BaFTIntervention(nn.Module):
                 any(not same_centre(p.qcenter, asking[0].qcenter) for p in asking):
             raise ValueError("cannot stack interventions with different gating or gate centres")
         first = parts[0]
-        out = cls(first.hidden_size, sum(p.rank for p in parts), first.gated,
-                  first.sharpness, first.threshold, first.gate_layer, bool(asking))
+        out = cls.from_config(dict(first.config(), query=bool(asking)), rank=sum(p.rank for p in parts))
         with torch.no_grad():
             for name in BASIS_TENSORS:
                 getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))

@@ -245,7 +245,7 @@ class EvalConfig(Section):
     fluency_tokens: int = 32
 
     def __post_init__(self):
-        _check(self, "fluency_tokens", self.fluency_tokens >= 1, "at least 1")
+        _check(self, "fluency_tokens", self.fluency_tokens >= 0, "a whole number >= 0 (0: not measured)")
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,17 @@ One call applies one batch of fact updates, in arrival order:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from .adapters import AdapterError, AdapterSet, Block, UnknownFactError, record_of
+from .config import EditConfig, as_edit_config
 from .facts import Fact
-from .trainer import train_block
+from .lora import train_lora
+from .trainer import TrainReport, train_block
 
 
 def newest_per_fact(facts: list[Fact]) -> list[Fact]:
@@ -35,55 +39,61 @@ def newest_per_fact(facts: list[Fact]) -> list[Fact]:
     return [f for f in slots if f is not None]
 
 
-def edit(model, tokenizer, facts: list[Fact], params: dict, base: AdapterSet | None = None,
-         progress: bool = True, **block_meta) -> AdapterSet:
+def edit(model, tokenizer, facts: list[Fact], config: EditConfig | Mapping | None = None,
+         base: AdapterSet | None = None, progress: bool = True, **block_meta) -> AdapterSet:
     """Apply a batch of fact updates and return the new adapter set.
 
-    ``params`` is the ``edit`` section of params.yaml. ``base`` (the set in
-    production) is not modified. The returned set's ``changes`` says what was
-    added, superseded and retracted, and the new block's id (None if the batch
-    held only retracts).
+    ``config`` is the ``edit`` section (an ``EditConfig``, or a mapping read as one; None:
+    params.yaml's). ``base`` (the set in production) is extended, not modified. The returned
+    set's ``changes`` says what was added, superseded and retracted, and the new block's id
+    (None if the batch held only retracts). ``block_meta`` (``training_run``,
+    ``data_version``) is recorded on the new block.
     """
-    method = params["method"]
+    config = as_edit_config(config)
     if not facts:
         raise ValueError("no facts to edit")
     if base is not None:
         base.check_base(model)
-        if base.method != method:
-            raise AdapterError(f"cannot extend a {base.method} adapter set with {method}")
+        if base.method != config.method:
+            raise AdapterError(f"cannot extend a {base.method} adapter set with {config.method}")
         current = base.copy()
     else:
-        current = AdapterSet.for_model(model, method)
+        current = AdapterSet.for_model(model, config.method)
     plan = resolve(current, facts)
     upserts, current, changes = plan.upserts, plan.remaining, plan.changes()
     if not upserts:
         current.changes = changes
         return current
-
-    existing = current.interventions() if method != "lora" and current.blocks else None
-    if method == "lora" and current.blocks:
-        handle = current.attach(model)   # LoRA baselines train on top of earlier LoRA blocks
-    else:
-        handle = None
-    try:
-        weights, report = train_block(model, tokenizer, upserts, params, existing=existing, progress=progress,
-                                      earlier=current.facts())
-    finally:
-        if handle is not None:
-            handle.remove()
+    parts, report = TRAINERS[config.method](model, tokenizer, upserts, config, current, progress)
     stats = {"steps": report.steps, "seconds": round(report.seconds, 3),
              "final_loss": report.final_loss, "stopped_early": report.stopped_early}
     block = Block(fact_ids=[f.fact_id for f in upserts], records=[record_of(f) for f in upserts],
-                  stats=stats, **block_meta)
-    if method == "lora":
-        block.lora = weights
-    else:
-        block.interventions = weights
-        per = next(iter(weights.values())).rank // len(upserts)
-        block.owner = torch.arange(len(upserts)).repeat_interleave(per)
+                  stats=stats, **parts, **block_meta)
     current.add_block(block)
     current.changes = dict(changes, block_id=block.block_id)
     return current
+
+
+def _interventions(model, tokenizer, facts: list[Fact], config: EditConfig, current: AdapterSet,
+                   progress: bool) -> tuple[dict, TrainReport]:
+    """BaFT and ReFT: a block of bases trained beside the set's, which stay frozen."""
+    weights, report = train_block(model, tokenizer, facts, config, existing=current.interventions() or None,
+                                  progress=progress, earlier=current.facts())
+    per = next(iter(weights.values())).rank // len(facts)
+    return {"interventions": weights, "owner": torch.arange(len(facts)).repeat_interleave(per)}, report
+
+
+def _lora(model, tokenizer, facts: list[Fact], config: EditConfig, current: AdapterSet,
+          progress: bool) -> tuple[dict, TrainReport]:
+    """The LoRA baseline trains on top of the set's earlier LoRA blocks, attached."""
+    with current.attach(model) if current.blocks else contextlib.nullcontext():
+        weights, report = train_lora(model, tokenizer, facts, config, progress=progress)
+    return {"lora": weights}, report
+
+
+# The one place a method's name picks its trainer: (model, tokenizer, facts, config, current
+# set, progress) -> (the new Block's weights as keyword arguments, TrainReport).
+TRAINERS = {"baft": _interventions, "reft": _interventions, "lora": _lora}
 
 
 @dataclass

@@ -9,6 +9,7 @@ is the plain mean over the fact's pairs.
 """
 from __future__ import annotations
 
+import contextlib
 from statistics import mean
 
 from . import metrics
@@ -23,7 +24,8 @@ STRICT_METRICS = ("gen_success", "gen_success_rephrase", "chat_success", "chat_s
 def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_tokens: int = 0,
                    base_locality=None, strict_tokens: int = 0) -> dict:
     """Score ``facts`` on ``model`` with the adapter set ``attach`` (a callable
-    ``attach(model) -> handle``, or None for the unedited model).
+    ``attach(model)`` returning a context manager that detaches, as ``AdapterSet.attach``
+    and torch's hook handles do; None for the unedited model).
 
     Locality compares against the bare model, so the base's argmax on the
     locality prompts is computed first (or passed in as ``base_locality``).
@@ -54,8 +56,7 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
     chat = bool(strict_tokens) and metrics.has_chat_template(tokenizer)
     base_texts = metrics.continuations(model, tokenizer, strict_prompts, strict_tokens) if strict_tokens else []
     texts, gen_ok, chat_ok = [], [], None
-    handle = attach(model) if attach else None
-    try:
+    with attach(model) if attach else contextlib.nullcontext():
         rel = metrics.token_accuracy(model, tokenizer, rel_pairs)
         gen = metrics.token_accuracy(model, tokenizer, gen_pairs) if gen_pairs else []
         loc = metrics.locality(base_locality, metrics.answer_argmax(model, tokenizer, loc_pairs)) if loc_pairs else []
@@ -66,10 +67,21 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
             texts = metrics.continuations(model, tokenizer, strict_prompts, strict_tokens)
             gen_ok = metrics.generation_success(model, tokenizer, asked, strict_tokens, texts=texts[:len(asked)])
             chat_ok = metrics.chat_success(model, tokenizer, asked, strict_tokens) if chat else None
-    finally:
-        if handle is not None:
-            handle.remove()
 
+    per_fact = _fact_rows(facts, rel=rel, em=em, gen=gen, loc=loc, port=port, flu=flu)
+    if strict_tokens:
+        _add_strict(per_fact, facts, asked=len(asked), texts=texts, base_texts=base_texts,
+                    gen_ok=gen_ok, chat_ok=chat_ok)
+    means = {}
+    for name in METRICS + (STRICT_METRICS if strict_tokens else ()) + kind_keys(per_fact):
+        values = [r[name] for r in per_fact if r.get(name) is not None]
+        means[name] = mean(values) if values else None
+    return {"per_fact": per_fact, "means": means}
+
+
+def _fact_rows(facts: list[Fact], *, rel, em, gen, loc, port, flu) -> list[dict]:
+    """Each fact's row of teacher-forced scores; ``gen``, ``loc`` and ``port`` hold every
+    fact's rephrases, locality and portability pairs in fact order."""
     per_fact, gi, li, pi = [], 0, 0, 0
     for i, f in enumerate(facts):
         row = {"fact_id": f.fact_id, "reliability": rel[i], "exact_match": em[i]}
@@ -81,14 +93,7 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
         if flu:
             row["fluency"] = flu[i]
         per_fact.append(row)
-    if strict_tokens:
-        _add_strict(per_fact, facts, asked=len(asked), texts=texts, base_texts=base_texts,
-                    gen_ok=gen_ok, chat_ok=chat_ok)
-    means = {}
-    for name in METRICS + (STRICT_METRICS if strict_tokens else ()) + kind_keys(per_fact):
-        values = [r[name] for r in per_fact if r.get(name) is not None]
-        means[name] = mean(values) if values else None
-    return {"per_fact": per_fact, "means": means}
+    return per_fact
 
 
 def teacher_answer(pair: dict) -> str:

@@ -517,9 +517,3 @@ def load_facts(paths: Iterable[str | Path], fmt: str | None = None,
         facts.extend(records_to_facts(read_records(path), file=str(path), fmt=fmt, skipped=skipped,
                                       skipped_pairs=skipped_pairs))
     return facts
-
-
-def write_jsonl(facts: Iterable[Fact], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for fact in facts:
-            f.write(json.dumps(fact.to_dict(), ensure_ascii=False) + "\n")

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import torch
 
+from . import offline
+from .config import ModelConfig
+
 EMBEDDED_MODEL = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Offline by default: nothing is fetched from a hub at run time.
-for _var, _val in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "true",
-}.items():
-    os.environ.setdefault(_var, _val)
+offline.apply()        # nothing is fetched from a hub at run time
 
 
 def cache_dir() -> Path:
@@ -88,27 +84,25 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return str(name_or_path)
 
 
-def load_model(name_or_path=None, device=None, dtype=None, trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)``: the embedded SmolLM2 by default, or any local
-    Hugging Face directory or cached hub id, offline. The model is in eval mode,
-    frozen, on CUDA when present and on the CPU otherwise."""
+def load_model(model: ModelConfig | str | None = None, device=None, dtype=None, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` offline: the embedded SmolLM2 by default, or any local
+    Hugging Face directory or cached hub id. ``model`` is a ``ModelConfig`` (its name and
+    dtype), a name (float32), or None (``ModelConfig()``); ``dtype``, where given, wins.
+    The model is in eval mode, frozen, on CUDA when present and on the CPU otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
-    dev = pick_device(device)
-    if dtype is None:
-        dtype = torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
+    config = model if isinstance(model, ModelConfig) else ModelConfig(name=str(model or EMBEDDED_MODEL))
+    path = resolve_model_path(config.name)
+    dtype = getattr(torch, dtype or config.dtype) if not isinstance(dtype, torch.dtype) else dtype
+    loaded = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(dev)
+    ).to(pick_device(device))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     prepare_tokenizer(tokenizer)
-    model.eval()
-    model.requires_grad_(False)
-    model.config.name_or_path = str(name_or_path or EMBEDDED_MODEL)
-    return model, tokenizer
+    loaded.eval()
+    loaded.requires_grad_(False)
+    loaded.config.name_or_path = config.name or EMBEDDED_MODEL
+    return loaded, tokenizer
 
 
 def prepare_tokenizer(tokenizer):

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -168,15 +168,10 @@ def _greedy_prefix(tokenizer, prompt: str, answer: str, generated: list[int]) ->
     return tokens if full[:len(p)] == p and generated[:len(tokens)] == tokens else None
 
 
-@contextmanager
 def _attached(model, attach):
-    """``model`` with ``attach`` (anything with ``.attach(model)``, an ``AdapterSet``) on."""
-    handle = attach.attach(model) if attach is not None else None
-    try:
-        yield model
-    finally:
-        if handle is not None:
-            handle.remove()
+    """``attach`` (anything whose ``.attach(model)`` is a context manager, an ``AdapterSet``)
+    on ``model`` for a ``with`` block; nothing when None."""
+    return attach.attach(model) if attach is not None else nullcontext()
 
 
 def relation_specificity(model, tokenizer, probes: list[dict], attach=None, show: int = 3) -> dict:

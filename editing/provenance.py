@@ -61,15 +61,12 @@ def explain(model, tokenizer, adapter_set: AdapterSet, prompt: str, max_new_toke
     if adapter_set.method != "baft":
         raise AdapterError(f"a {adapter_set.method} adapter set has no gates: every one of its edits "
                            "acts on every input, so no answer can be traced to particular facts")
-    handle = adapter_set.attach(model)
-    try:
+    with adapter_set.attach(model) as handle:
         answer_ids = greedy(model, tokenizer, [prompt], max_new_tokens)[0]
         prompt_ids = tokenizer(prompt)["input_ids"]
         ids = torch.tensor([prompt_ids + answer_ids], device=next(model.parameters()).device)
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)  # one pass: the gates' record
         weights = {L: state.weights[0].float().cpu() for L, state in handle.states.items()}
-    finally:
-        handle.remove()
     best: dict[tuple[int, int], tuple[float, int]] = {}     # (block, fact) -> (weight, first position)
     for layer, w in weights.items():                        # w: (T, rank), pooled: non-decreasing in T
         peak = w.max(0).values

@@ -1,4 +1,4 @@
-"""Training one block of edits: BaFT, its ReFT switch, and the FT-L style LoRA baseline.
+"""Training one block of edits: BaFT and its ReFT switch (the LoRA baseline is lora.py).
 
 What a training run sees for each fact:
 - positives: the prompt, and the same prompt behind short prefixes the base model
@@ -20,10 +20,15 @@ prompts), on other facts of the same subject and after the answer. With
 
 Hidden states below the first intervened layer are frozen, so they are computed
 once and every step runs only the layers above it.
+
+``train_block`` reads top to bottom as its phases: the run's switches (``_setup``), the
+training sequences (``_examples``), their frozen hidden states (``_frozen_states``), the
+new bases with their keys (``_new_block``), where each gate must open and shut
+(``_gate_targets``), the optimisation loop (``_train``), and the gates' calibration
+(``_calibrate``). The helpers they use follow.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import random
@@ -38,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attach import attach_interventions, decoder_layers
+from . import architecture
+from .attach import attach_interventions
 from .baft import BaFTIntervention, causal_pool
+from .config import EditConfig
 from .facts import Fact, normalise
 
 # Used as swapped-in subjects when a batch has too few subjects of its own.
@@ -63,11 +70,6 @@ PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When"
 # Model-written easy negatives start like prose and like questions, the two kinds of
 # unrelated input an edit must leave alone.
 TEXT_STARTERS = PREFIX_STARTERS + ("Who", "What", "Where", "Which", "How many", "Why", "Is", "Name")
-# Model families whose decoder can be resumed from a cached residual stream by
-# passing it as ``inputs_embeds`` to the model with its lower layers sliced off.
-_RESUMABLE = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3")
-
-
 @dataclass
 class Encoded:
     """A padded batch of token sequences with the positions the losses read."""
@@ -79,6 +81,347 @@ class Encoded:
     keep_mask: torch.Tensor    # (n, T) positions whose next token continues after the target
 
 
+@dataclass
+class TrainReport:
+    steps: int
+    seconds: float
+    final_loss: float
+    stopped_early: bool
+
+
+def train_block(model, tokenizer, facts: list[Fact], config: EditConfig,
+                existing: dict[int, nn.Module] | None = None, progress: bool = True,
+                earlier: list[Fact] = ()):
+    """Train one block of BaFT (or ReFT) interventions that makes ``model`` state ``facts``.
+
+    ``existing`` is the adapter set already in production ({layer: module}), attached and
+    frozen while this block learns on top of it; ``earlier`` are facts it holds, up to
+    ``baft.replay_negatives`` of which the new bases learn to stay closed on.
+    Returns ``({layer: module}, TrainReport)``.
+    """
+    t0 = time.perf_counter()
+    _seed_all(config.seed)
+    rng = random.Random(config.seed)
+    run = _setup(model, config, existing)
+    examples = _examples(model, tokenizer, facts, run, rng, existing, earlier)
+    frozen = _frozen_states(model, tokenizer, examples, run, existing)
+    block, owner = _new_block(model, tokenizer, len(facts), examples, frozen, run)
+    targets = _gate_targets(facts, examples, frozen, owner, run)
+    step, loss_value, stopped = _train(model, block, existing, examples, frozen, targets, run, rng,
+                                       progress, f"{config.method} x{len(facts)}")
+    if run.gated:
+        _calibrate(block, len(facts), examples, frozen, targets, owner, run)
+    for iv in block.values():
+        iv.requires_grad_(False)
+    return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
+
+
+@dataclass
+class _Run:
+    """The switches of one training run: the method's and where it reads and writes."""
+    config: EditConfig
+    layers: list[int]              # the edit layers, ascending
+    gated: bool                    # BaFT; ReFT has no gates
+    gate_layer: int | None         # where the gates read the subject (None: at each edit layer)
+    query: bool                    # a question gate per basis
+    device: torch.device
+
+    @property
+    def start(self) -> int:
+        """The first edit layer: the trunk resumes from the residual entering it."""
+        return self.layers[0]
+
+    @property
+    def key_layer(self) -> int:
+        """The layer whose residual the gates read."""
+        return self.start if self.gate_layer is None else self.gate_layer
+
+
+def _setup(model, config: EditConfig, existing) -> _Run:
+    architecture.check(model)
+    layers = sorted(config.layers)
+    gated = config.method == "baft"
+    gate_layer = config.baft.gate_layer if gated else None
+    if gate_layer is not None and gate_layer >= layers[0]:
+        raise ValueError(f"baft.gate_layer ({gate_layer}) must come before the first edit layer ({layers[0]})")
+    for L, module in (existing or {}).items():
+        if getattr(module, "gate_layer", None) != gate_layer:
+            raise ValueError("the existing adapter set reads its gates at another layer; "
+                             "blocks of one set must share baft.gate_layer")
+    return _Run(config, layers, gated, gate_layer, gated and config.baft.query_gate,
+                next(model.parameters()).device)
+
+
+@dataclass
+class _Examples:
+    """A block's training sequences, tokenised. ``pos``: per fact its prompt and prefixed
+    variants (the first ``n_facts * (1 + len(prefixes))`` rows), then the chat rows;
+    ``neg``: swapped subjects, earlier facts and generic text; ``anchors``: each subject
+    behind each prefix; ``swaps``: the subject asked about other relations (question gate)
+    and, per swap, the facts whose question gates must stay shut on it."""
+    prefixes: list[str]
+    pos: Encoded
+    neg: Encoded
+    anchors: Encoded
+    swaps: list[tuple]
+    swap_closes: list[list[int]]
+
+    def plain_rows(self, n_facts: int) -> torch.Tensor:
+        """Each fact's own prompt, unprefixed."""
+        return torch.arange(n_facts) * (1 + len(self.prefixes))
+
+
+def _examples(model, tokenizer, facts: list[Fact], run: _Run, rng: random.Random, existing,
+              earlier: list[Fact]) -> _Examples:
+    cfg, seed = run.config.baft, run.config.seed
+    prefixes = model_prefixes(model, tokenizer, cfg.prefixes, cfg.prefix_tokens, seed)
+    with attach_interventions(model, existing or {}):
+        continuations = _continuations(model, tokenizer, facts, cfg.continuation_tokens)
+    # Chat rows come last: the first n_facts * (1 + prefixes) rows stay each fact's prompt and its prefixed variants.
+    chat = _chat_items(tokenizer, facts) if run.gated and cfg.chat_positives else []
+    pos = encode(tokenizer, _positive_items(facts, prefixes, continuations) + chat)
+    replay = list(earlier)
+    if len(replay) > cfg.replay_negatives:
+        replay = rng.sample(replay, cfg.replay_negatives)
+    # A different seed from the prefixes: these are other texts, not the same ones again.
+    texts = model_prefixes(model, tokenizer, cfg.text_negatives, cfg.text_negative_tokens, seed + 1, TEXT_STARTERS)
+    neg = encode(tokenizer, _negative_items(facts, cfg.subject_swaps, rng, replay, texts))
+    # Anchors: the subject behind each prefix, so the weights open on the subject
+    # wherever it stands (causal: only what precedes it matters).
+    # Without prefixes, the prompt itself is the anchor.
+    anchors = encode(tokenizer, [(text, None, f.subject, i) for i, f in enumerate(facts)
+                                 for text in [p + " " + f.subject for p in prefixes] or [f.prompt]])
+    swaps, closes = _relation_swap_items(facts, cfg.relation_swaps, rng, load_training_templates()) \
+        if run.query else ([], [])
+    return _Examples(prefixes, pos, neg, anchors, swaps, closes)
+
+
+@dataclass
+class _Frozen:
+    """Hidden states under the frozen model and set, computed once: the residual at the
+    first edit layer (``*_h``, the trunk resumes from it) and at the key layer (``*_g``,
+    the gates read it); ``pos_next`` the model's own next-token argmax on the positives."""
+    pos_h: torch.Tensor
+    pos_g: torch.Tensor
+    pos_next: torch.Tensor
+    neg_h: torch.Tensor
+    neg_g: torch.Tensor
+    anchor_g: torch.Tensor
+    rel: Encoded | None = None     # the relation swaps, tokenised, and their residual
+    rel_h: torch.Tensor | None = None
+
+
+def _frozen_states(model, tokenizer, ex: _Examples, run: _Run, existing) -> _Frozen:
+    with attach_interventions(model, existing or {}):
+        (pos_h, pos_g), pos_next = residual_at(model, ex.pos.ids, (run.start, run.key_layer), with_argmax=True)
+        neg_h, neg_g = residual_at(model, ex.neg.ids, (run.start, run.key_layer))
+        anchor_g = residual_at(model, ex.anchors.ids, (run.key_layer,))[0]
+        out = _Frozen(pos_h, pos_g, pos_next, neg_h, neg_g, anchor_g)
+        if ex.swaps:
+            out.rel = encode(tokenizer, ex.swaps)
+            out.rel_h = residual_at(model, out.rel.ids, (run.start,))[0]
+    return out
+
+
+def _new_block(model, tokenizer, n_facts: int, ex: _Examples, fz: _Frozen, run: _Run):
+    """The new bases at every edit layer, ``bases_per_edit`` per fact, each gate keyed on
+    its fact's subject; returns ``({layer: module}, owner)``, owner the fact of each basis."""
+    cfg = run.config.baft
+    per = cfg.bases_per_edit
+    rank = n_facts * per
+    owner = torch.arange(n_facts).repeat_interleave(per)          # fact of each basis
+    block = {L: BaFTIntervention(architecture.hidden_size(model), rank, run.gated, cfg.sharpness,
+                                 cfg.threshold, run.gate_layer, run.query).to(run.device) for L in run.layers}
+    # Keys: the subject's last token behind the prefixes (the anchors).
+    n_anchor = len(ex.prefixes) or 1
+    rows = torch.tensor([i * n_anchor + (j % n_anchor) for i in range(n_facts) for j in range(per)])
+    keys = fz.anchor_g[rows, ex.anchors.subject_pos[rows].clamp_min(1)]
+    center = _text_center(model, tokenizer, run.key_layer)
+    for iv in block.values():
+        iv.center.copy_(center)
+        iv.init_keys(keys)
+        with torch.no_grad():
+            iv.W.copy_(iv.R)  # Phi(h) = h at initialisation
+    if run.query:
+        # Question keys: each fact's prompt at its last token, at the (first) edit layer.
+        plain = ex.plain_rows(n_facts)
+        first_answer = ex.pos.target_mask.long().argmax(1)
+        qcenter = _text_center(model, tokenizer, run.start)
+        for iv in block.values():
+            iv.qcenter.copy_(qcenter)
+            iv.init_query(fz.pos_h[plain, first_answer[plain]][owner], cfg.query_threshold)
+    return block, owner
+
+
+@dataclass
+class _GateTargets:
+    """Where each basis's gate must open and stay shut: (rows, rank) masks with the states
+    they are read on, and the positions whose weights count (real tokens)."""
+    pos_subj_g: torch.Tensor       # each positive's key-layer state at its subject
+    own_open: torch.Tensor         # ... the bases that must open there
+    anchor_s: torch.Tensor         # each anchor's state at its subject
+    anchor_own: torch.Tensor       # ... the bases that must open there
+    neg_shut: torch.Tensor         # the bases that must stay shut on each negative
+    cross: torch.Tensor            # ... and on each positive of another subject
+    neg_valid: torch.Tensor
+    pos_valid: torch.Tensor
+    question: tuple | None = None  # ((states, open mask), (states, shut mask)) of the question gate
+
+
+def _gate_targets(facts: list[Fact], ex: _Examples, fz: _Frozen, owner: torch.Tensor, run: _Run) -> _GateTargets:
+    pos, device = ex.pos, run.device
+    subj = pos.subject_pos.clone()
+    no_subject = subj < 0
+    subj[no_subject] = (pos.lengths - 1 - pos.target_mask.sum(1))[no_subject]  # last prompt token
+    # Position 0 is an attention sink that looks alike whatever its token: a subject
+    # that opens the prompt is keyed from the anchors instead (the subject behind a
+    # prefix), and its own prompt does not pull the weights open at position 0.
+    opens_prompt = subj < 1
+    subj = subj.clamp_min(1)
+    own = (owner.unsqueeze(0) == pos.fact.unsqueeze(1)).to(device)   # (n_pos, rank)
+    anchors = ex.anchors
+    targets = _GateTargets(
+        pos_subj_g=fz.pos_g[torch.arange(len(subj)), subj],
+        own_open=own & ~opens_prompt.to(device).unsqueeze(1),
+        anchor_s=fz.anchor_g[torch.arange(len(anchors.ids)), anchors.subject_pos.clamp_min(1)],
+        anchor_own=(owner.unsqueeze(0) == anchors.fact.unsqueeze(1)).to(device),
+        neg_shut=_negative_mask(ex.neg, owner, device) > 0,
+        cross=~own & _different_subject(pos.fact, owner, facts).to(device),
+        # Positions whose weights count: real tokens after the first (see causal_pool).
+        neg_valid=(torch.arange(fz.neg_g.shape[1])[None, :] < ex.neg.lengths[:, None])
+        & (torch.arange(fz.neg_g.shape[1]) > 0),
+        pos_valid=torch.arange(fz.pos_g.shape[1])[None, :] < pos.lengths[:, None])
+    if run.query:
+        swaps = ex.swaps and (fz.rel, fz.rel_h, ex.swap_closes)
+        q_open, q_shut = _question_examples(pos, fz.pos_h, ex.neg, fz.neg_h, swaps, facts, owner)
+        targets.question = tuple(tuple(t.to(device) for t in x) for x in (q_open, q_shut))
+    return targets
+
+
+class _Forward:
+    """The positives' target logits with the block (and the frozen set) attached: the
+    gates' pooled weights handed to the content hooks, then the decoder resumed above
+    the frozen layers."""
+
+    def __init__(self, model, handle, beside: dict, ex: _Examples, fz: _Frozen, targets: _GateTargets, run: _Run):
+        self.model, self.handle, self.beside, self.pos, self.fz = model, handle, beside, ex.pos, fz
+        self.valid, self.device = targets.pos_valid, run.device
+        self.trunk = _Trunk(model, run.start)
+
+    def __call__(self, rows: torch.Tensor):
+        """(logits, labels, (logits, labels) after the answer) at the target positions of ``rows``."""
+        # Two groups of similar lengths: chat and prefixed rows are longer, and
+        # padding every row of a step to the longest would cost its tokens again.
+        parts = [self._group(g) for g in _length_groups(rows, self.pos.lengths[rows])]
+        logits, labels = (torch.cat([p[i] for p in parts]) for i in (0, 1))
+        return logits, labels, tuple(torch.cat([p[2][i] for p in parts]) for i in (0, 1))
+
+    def _group(self, rows: torch.Tensor):
+        pos, fz, device = self.pos, self.fz, self.device
+        width = int(pos.lengths[rows].max())
+        ids = pos.ids[rows, :width].to(device)
+        # The gate layer is below the trunk: hand the content hooks their pooled weights.
+        for L, state in self.handle.states.items():
+            state.weights = causal_pool(self.beside[L].weights(fz.pos_g[rows, :width]), self.valid[rows, :width])
+        states = self.trunk.states(ids, fz.pos_h[rows, :width])
+        tmask = pos.target_mask[rows, :width].to(device)
+        kmask = pos.keep_mask[rows, :width].to(device)
+        keep = (architecture.logits(self.model, states[kmask]).float(), fz.pos_next[rows, :width].to(device)[kmask])
+        return architecture.logits(self.model, states[tmask]).float(), _next_tokens(ids, tmask), keep
+
+
+def _train(model, block: dict, existing, ex: _Examples, fz: _Frozen, targets: _GateTargets, run: _Run,
+           rng: random.Random, progress: bool, desc: str) -> tuple[int, float, bool]:
+    """Adam on the new bases, the set's earlier blocks frozen beside them; early stopping
+    once every target is learned. Returns (steps taken, final loss, stopped early)."""
+    config = run.config
+    trainable = [p for iv in block.values() for n, p in iv.named_parameters() if run.gated or n in ("R", "W", "b")]
+    opt = torch.optim.Adam(trainable, lr=config.lr)
+    steps, batch, check = config.steps, config.batch_size, config.early_stop
+    order = list(range(len(ex.pos.ids)))
+    rng.shuffle(order)
+    cursor, loss_value, stopped, step = 0, math.nan, False, 0
+    bar = _progress(steps, progress, desc)
+    # The set trains as it will run: old and new bases side by side, each reading the same h.
+    beside = {L: _SideBySide(existing[L], block[L]) if L in block else existing[L] for L in existing or {}}
+    beside.update({L: m for L, m in block.items() if L not in beside})
+    with attach_interventions(model, beside) as handle:
+        forward = _Forward(model, handle, beside, ex, fz, targets, run)
+        for step in range(1, steps + 1):
+            if cursor + batch > len(order):
+                rng.shuffle(order)
+                cursor = 0
+            rows = torch.tensor(order[cursor:cursor + batch])
+            cursor += batch
+            loss, edit_loss = _loss(block, forward(rows), fz, targets, run)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for iv in block.values():
+                iv.orthonormalise()
+            loss_value = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_value:.3f}", edit=f"{float(edit_loss.detach()):.3f}")
+            bar.update(1)
+            if step % check.check_every == 0 and _every_target_learned(
+                    forward, len(ex.pos.ids), batch, check.min_target_prob):
+                stopped = True
+                break
+    bar.close()
+    return step, loss_value, stopped
+
+
+def _loss(block: dict, outputs, fz: _Frozen, t: _GateTargets, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the step's loss, its edit term): the edit, the continuation after it, and for BaFT
+    the gates' locality terms, load balancing and the question gate."""
+    w = run.config.loss_weights
+    logits, labels, (keep_logits, keep_labels) = outputs
+    edit_loss = F.cross_entropy(logits, labels)
+    loss = w.edit * edit_loss
+    if len(keep_labels):   # after the answer, the model goes on as before
+        loss = loss + w.continuation * F.cross_entropy(keep_logits, keep_labels)
+    for iv in block.values() if run.gated else ():
+        s_pos = iv.weights(t.pos_subj_g)                                  # (n_pos, rank)
+        # Open on the fact's own subject, in its prompts and as an anchor.
+        gate_pos = _bce(s_pos, t.own_open, positive=True) + _bce(iv.weights(t.anchor_s), t.anchor_own, positive=True)
+        # Closed on swapped subjects, generic text and the other facts'
+        # sequences (cross), at their worst position.
+        gate_neg = _bce(_worst(iv.weights(fz.neg_g), t.neg_valid), t.neg_shut, positive=False) \
+            + _bce(_worst(iv.weights(fz.pos_g), t.pos_valid & (torch.arange(fz.pos_g.shape[1]) > 0)), t.cross,
+                   positive=False)
+        # Load balancing: every basis carries its share of the edits.
+        usage = s_pos.mean(0)
+        balance = iv.rank * ((usage / usage.sum().clamp_min(1e-6)) ** 2).sum() - 1
+        loss = loss + w.gate_positive * gate_pos + w.gate_negative * gate_neg + w.balance * balance
+        if t.question is not None:
+            # The question gate: open where its fact is asked (any subject: the relation
+            # is what it reads), shut on the subject's other questions and after the answer.
+            (h_open, m_open), (h_shut, m_shut) = t.question
+            loss = loss + w.query_positive * _bce(torch.sigmoid(iv.query_logits(h_open)), m_open, True) \
+                + w.query_negative * _bce(torch.sigmoid(iv.query_logits(h_shut)), m_shut, False)
+    return loss, edit_loss
+
+
+def _calibrate(block: dict, n_facts: int, ex: _Examples, fz: _Frozen, targets: _GateTargets,
+               owner: torch.Tensor, run: _Run) -> None:
+    """Move each new gate's bias down (``gate_shift``), and each question gate's the same
+    way, read at each prompt's first answer position."""
+    cfg, pos = run.config.baft, ex.pos
+    plain = ex.plain_rows(n_facts)
+    first_answer = pos.target_mask.long().argmax(1)
+    for iv in block.values():
+        iv.lower_gates(gate_shift(iv, fz.pos_g[plain], pos.target_mask[plain], targets.pos_valid[plain],
+                                   owner, cfg.gate_margin, cfg.gate_ceiling))
+        if run.query:
+            with torch.no_grad():
+                z = iv.query_logits(fz.pos_h[plain, first_answer[plain]].to(run.device))
+                own = z[owner.to(z.device), torch.arange(iv.rank, device=z.device)]
+                shift = torch.full_like(own, float(cfg.query_margin))
+                if cfg.query_ceiling is not None:
+                    shift = torch.maximum(shift, own - cfg.query_ceiling)
+                iv.d -= shift
+
+
+# -- building the examples ----------------------------------------------------------------
 def _subject_last_token(tokenizer, text: str, subject: str) -> int:
     start = text.rfind(subject)
     if start < 0:
@@ -167,31 +510,14 @@ def model_prefixes(model, tokenizer, n: int, length: int, seed: int,
 
 
 class _Trunk:
-    """Runs the decoder from a cached residual stream at ``start`` upward."""
+    """Runs the decoder from a cached residual stream at ``start`` upward (``architecture.final_states``)."""
 
     def __init__(self, model, start: int):
         self.model, self.start = model, start
-        self.resumable = getattr(model.config, "model_type", "") in _RESUMABLE and start > 0
 
     def states(self, ids: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states for every position."""
-        inner = self.model.model
-        if not self.resumable:
-            return inner(input_ids=ids, use_cache=False).last_hidden_state
-        full = inner.layers
-        inner.layers = nn.ModuleList(list(full)[self.start:])
-        try:
-            return inner(inputs_embeds=cached.to(self.model.dtype), use_cache=False).last_hidden_state
-        finally:
-            inner.layers = full
-
-
-@dataclass
-class TrainReport:
-    steps: int
-    seconds: float
-    final_loss: float
-    stopped_early: bool
+        return architecture.final_states(self.model, ids, cached, self.start)
 
 
 def _seed_all(seed: int) -> None:
@@ -284,211 +610,7 @@ def _chat_items(tokenizer, facts: list[Fact]) -> list[tuple]:
             enumerate(zip(facts, chat_prompts(tokenizer, [f.prompt for f in facts])))]
 
 
-def train_block(model, tokenizer, facts: list[Fact], params: dict,
-                existing: dict[int, nn.Module] | None = None, progress: bool = True,
-                earlier: list[Fact] = ()):
-    """Train one block of interventions that makes ``model`` state ``facts``.
-
-    ``params`` is the ``edit`` section of params.yaml. ``existing`` is the
-    adapter set already in production ({layer: module}), attached and frozen
-    while this block learns on top of it; ``earlier`` are facts it holds, up to
-    ``baft.replay_negatives`` of which the new bases learn to stay closed on.
-    Returns ``({layer: module}, TrainReport)``.
-    """
-    method = params["method"]
-    if method == "lora":
-        return train_lora(model, tokenizer, facts, params, existing, progress)
-    t0 = time.perf_counter()
-    _seed_all(params["seed"])
-    rng = random.Random(params["seed"])
-    device = next(model.parameters()).device
-    layers = sorted(params["layers"])
-    start = layers[0]
-    cfg = params["baft"]
-    gated = method == "baft"
-    gate_layer = cfg.get("gate_layer") if gated else None
-    if gate_layer is not None and gate_layer >= start:
-        raise ValueError(f"baft.gate_layer ({gate_layer}) must come before the first edit layer ({start})")
-    key_layer = start if gate_layer is None else gate_layer
-    for L, module in (existing or {}).items():
-        if getattr(module, "gate_layer", None) != gate_layer:
-            raise ValueError("the existing adapter set reads its gates at another layer; "
-                             "blocks of one set must share baft.gate_layer")
-
-    prefixes = model_prefixes(model, tokenizer, cfg["prefixes"], cfg["prefix_tokens"], params["seed"])
-    with _attached(model, existing):
-        continuations = _continuations(model, tokenizer, facts, cfg["continuation_tokens"])
-    query = gated and bool(cfg.get("query_gate", False))
-    # Chat rows come last: the first n_facts * (1 + prefixes) rows stay each fact's prompt and its prefixed variants.
-    pos = encode(tokenizer, _positive_items(facts, prefixes, continuations)
-                 + (_chat_items(tokenizer, facts) if gated and cfg.get("chat_positives", False) else []))
-    replay = list(earlier)
-    if len(replay) > cfg.get("replay_negatives", 0):
-        replay = rng.sample(replay, cfg.get("replay_negatives", 0))
-    # A different seed from the prefixes: these are other texts, not the same ones again.
-    texts = model_prefixes(model, tokenizer, cfg.get("text_negatives", 0), cfg.get("text_negative_tokens", 16),
-                           params["seed"] + 1, TEXT_STARTERS)
-    neg = encode(tokenizer, _negative_items(facts, cfg["subject_swaps"], rng, replay, texts))
-    # Anchors: the subject behind each prefix, so the weights open on the subject
-    # wherever it stands (causal: only what precedes it matters).
-    # Without prefixes, the prompt itself is the anchor.
-    anchors = encode(tokenizer, [(text, None, f.subject, i) for i, f in enumerate(facts)
-                                 for text in [p + " " + f.subject for p in prefixes] or [f.prompt]])
-    # Frozen states, computed once: the residual at the first edit layer (the
-    # trunk resumes from it) and at the key layer (the weights read it).
-    swaps, swap_closes = _relation_swap_items(facts, cfg.get("relation_swaps", 0), rng, load_training_templates()) \
-        if query else ([], [])
-    with _attached(model, existing):
-        (pos_h, pos_g), pos_next = residual_at(model, pos.ids, (start, key_layer), with_argmax=True)
-        neg_h, neg_g = residual_at(model, neg.ids, (start, key_layer))
-        anchor_g = residual_at(model, anchors.ids, (key_layer,))[0]
-        if swaps:
-            rel = encode(tokenizer, swaps)
-            rel_h = residual_at(model, rel.ids, (start,))[0]
-
-    n_facts, per = len(facts), cfg["bases_per_edit"]
-    rank = n_facts * per
-    owner = torch.arange(n_facts).repeat_interleave(per)          # fact of each basis
-    block = {L: BaFTIntervention(model.config.hidden_size, rank, gated, cfg["sharpness"],
-                                 cfg["threshold"], gate_layer, query).to(device) for L in layers}
-    # Keys: the subject's last token behind the prefixes.
-    subj = pos.subject_pos.clone()
-    no_subject = subj < 0
-    subj[no_subject] = (pos.lengths - 1 - pos.target_mask.sum(1))[no_subject]  # last prompt token
-    # Position 0 is an attention sink that looks alike whatever its token: a subject
-    # that opens the prompt is keyed from the anchors instead (the subject behind a
-    # prefix), and its own prompt does not pull the weights open at position 0.
-    opens_prompt = subj < 1
-    subj = subj.clamp_min(1)
-    n_anchor = len(prefixes) or 1
-    rows = torch.tensor([i * n_anchor + (j % n_anchor) for i in range(n_facts) for j in range(per)])
-    keys = anchor_g[rows, anchors.subject_pos[rows].clamp_min(1)]
-    center = _text_center(model, tokenizer, key_layer)
-    for iv in block.values():
-        iv.center.copy_(center)
-        iv.init_keys(keys)
-        with torch.no_grad():
-            iv.W.copy_(iv.R)  # Phi(h) = h at initialisation
-
-    if query:
-        # Question keys: each fact's prompt at its last token, at the (first) edit layer.
-        first_answer = pos.target_mask.long().argmax(1)
-        plain = torch.arange(n_facts) * (1 + len(prefixes))
-        qcenter = _text_center(model, tokenizer, start)
-        for iv in block.values():
-            iv.qcenter.copy_(qcenter)
-            iv.init_query(pos_h[plain, first_answer[plain]][owner], cfg.get("query_threshold", 0.6))
-        q_open, q_shut = _question_examples(pos, pos_h, neg, neg_h, swaps and (rel, rel_h, swap_closes),
-                                            facts, owner)
-        q_open, q_shut = [tuple(t.to(device) for t in x) for x in (q_open, q_shut)]
-
-    pos_subj_g = pos_g[torch.arange(len(subj)), subj]
-    neg_owner_mask = _negative_mask(neg, owner, device)
-    own = (owner.unsqueeze(0) == pos.fact.unsqueeze(1)).to(device)   # (n_pos, rank)
-    own_open = own & ~opens_prompt.to(device).unsqueeze(1)
-    anchor_s = anchor_g[torch.arange(len(anchors.ids)), anchors.subject_pos.clamp_min(1)]
-    anchor_own = (owner.unsqueeze(0) == anchors.fact.unsqueeze(1)).to(device)
-    cross = ~own & _different_subject(pos.fact, owner, facts).to(device)
-    # Positions whose weights count: real tokens after the first (see causal_pool).
-    neg_valid = (torch.arange(neg_g.shape[1])[None, :] < neg.lengths[:, None]) & (torch.arange(neg_g.shape[1]) > 0)
-    pos_valid = torch.arange(pos_g.shape[1])[None, :] < pos.lengths[:, None]
-
-    trainable = [p for iv in block.values() for n, p in iv.named_parameters() if gated or n in ("R", "W", "b")]
-    opt = torch.optim.Adam(trainable, lr=params["lr"])
-    trunk = _Trunk(model, start)
-    steps, batch = params["steps"], params["batch_size"]
-    w = params["loss_weights"]
-    order = list(range(len(pos.ids)))
-    rng.shuffle(order)
-    cursor, loss_value, stopped, step = 0, math.nan, False, 0
-    bar = _progress(steps, progress, f"{method} x{n_facts}")
-    # The set trains as it will run: old and new bases side by side, each reading the same h.
-    beside = {L: _SideBySide(existing[L], block[L]) if L in block else existing[L] for L in existing or {}}
-    beside.update({L: m for L, m in block.items() if L not in beside})
-    with _attached(model, beside) as both:
-        def pooled_weights(rows, width):
-            """Hand the content hooks their pooled weights (the gate layer is below the trunk)."""
-            for L, state in both.states.items():
-                state.weights = causal_pool(beside[L].weights(pos_g[rows, :width]), pos_valid[rows, :width])
-
-        def forward_targets(rows):
-            # Two groups of similar lengths: chat and prefixed rows are longer, and
-            # padding every row of a step to the longest would cost its tokens again.
-            parts = [_forward_targets(g) for g in _length_groups(rows, pos.lengths[rows])]
-            logits, labels = (torch.cat([p[i] for p in parts]) for i in (0, 1))
-            return logits, labels, tuple(torch.cat([p[2][i] for p in parts]) for i in (0, 1))
-
-        def _forward_targets(rows):
-            width = int(pos.lengths[rows].max())
-            ids = pos.ids[rows, :width].to(device)
-            pooled_weights(rows, width)
-            states = trunk.states(ids, pos_h[rows, :width])
-            tmask = pos.target_mask[rows, :width].to(device)
-            kmask = pos.keep_mask[rows, :width].to(device)
-            keep = (model.lm_head(states[kmask]).float(), pos_next[rows, :width].to(device)[kmask])
-            return model.lm_head(states[tmask]).float(), _next_tokens(ids, tmask), keep
-
-        for step in range(1, steps + 1):
-            if cursor + batch > len(order):
-                rng.shuffle(order)
-                cursor = 0
-            rows = torch.tensor(order[cursor:cursor + batch])
-            cursor += batch
-            logits, labels, (keep_logits, keep_labels) = forward_targets(rows)
-            edit_loss = F.cross_entropy(logits, labels)
-            loss = w["edit"] * edit_loss
-            if len(keep_labels):   # after the answer, the model goes on as before
-                loss = loss + w["continuation"] * F.cross_entropy(keep_logits, keep_labels)
-            for iv in block.values() if gated else ():
-                s_pos = iv.weights(pos_subj_g)                                  # (n_pos, rank)
-                # Open on the fact's own subject, in its prompts and as an anchor.
-                gate_pos = _bce(s_pos, own_open, positive=True) + _bce(iv.weights(anchor_s), anchor_own, positive=True)
-                # Closed on swapped subjects, generic text and the other facts'
-                # sequences (cross), at their worst position.
-                gate_neg = _bce(_worst(iv.weights(neg_g), neg_valid), neg_owner_mask > 0, positive=False) \
-                    + _bce(_worst(iv.weights(pos_g), pos_valid & (torch.arange(pos_g.shape[1]) > 0)), cross,
-                           positive=False)
-                # Load balancing: every basis carries its share of the edits.
-                usage = s_pos.mean(0)
-                balance = rank * ((usage / usage.sum().clamp_min(1e-6)) ** 2).sum() - 1
-                loss = loss + w["gate_positive"] * gate_pos + w["gate_negative"] * gate_neg + w["balance"] * balance
-                if query:
-                    # The question gate: open where its fact is asked (any subject: the relation
-                    # is what it reads), shut on the subject's other questions and after the answer.
-                    (h_open, m_open), (h_shut, m_shut) = q_open, q_shut
-                    loss = loss + w.get("query_positive", 0.1) * _bce(torch.sigmoid(iv.query_logits(h_open)), m_open, True) \
-                        + w.get("query_negative", 1.0) * _bce(torch.sigmoid(iv.query_logits(h_shut)), m_shut, False)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for iv in block.values():
-                iv.orthonormalise()
-            loss_value = float(loss.detach())
-            bar.set_postfix(loss=f"{loss_value:.3f}", edit=f"{float(edit_loss.detach()):.3f}")
-            bar.update(1)
-            if step % params["early_stop"]["check_every"] == 0 and _every_target_learned(
-                    forward_targets, len(pos.ids), batch, params["early_stop"]["min_target_prob"]):
-                stopped = True
-                break
-    bar.close()
-    if gated:
-        plain = torch.arange(n_facts) * (1 + len(prefixes))   # each fact's own prompt, unprefixed
-        for iv in block.values():
-            iv.lower_gates(gate_shift(iv, pos_g[plain], pos.target_mask[plain], pos_valid[plain],
-                                       owner, cfg.get("gate_margin", 0.0), cfg.get("gate_ceiling")))
-            if query:   # the same for the question gate, read at each prompt's first answer position
-                with torch.no_grad():
-                    z = iv.query_logits(pos_h[plain, first_answer[plain]].to(device))
-                    own = z[owner.to(z.device), torch.arange(iv.rank, device=z.device)]
-                    shift = torch.full_like(own, float(cfg.get("query_margin", 0.0)))
-                    if cfg.get("query_ceiling") is not None:
-                        shift = torch.maximum(shift, own - cfg["query_ceiling"])
-                    iv.d -= shift
-    for iv in block.values():
-        iv.requires_grad_(False)
-    return block, TrainReport(step, time.perf_counter() - t0, loss_value, stopped)
-
-
+# -- the losses and the gates' calibration -------------------------------------------------
 def _question_examples(pos: Encoded, pos_h, neg: Encoded, neg_h, swaps, facts: list[Fact], owner):
     """Where each basis's question gate opens and where it stays shut, as
     ((states, mask), (states, mask)): states (n, hidden) at the edit layer, mask (n, rank).
@@ -634,68 +756,9 @@ def _negative_mask(neg: Encoded, owner: torch.Tensor, device) -> torch.Tensor:
     return m.float().to(device)
 
 
-@contextlib.contextmanager
-def _attached(model, interventions):
-    if not interventions:
-        yield None
-        return
-    handle = attach_interventions(model, interventions)
-    try:
-        yield handle
-    finally:
-        handle.remove()
-
-
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
     return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
 
 
-# -- the FT-L style LoRA baseline -------------------------------------------------
-def train_lora(model, tokenizer, facts, params, existing=None, progress=True):
-    """LoRA (peft) on the MLP down-projection of the edit layers, edit loss only."""
-    from peft import LoraConfig, get_peft_model
-
-    t0 = time.perf_counter()
-    _seed_all(params["seed"])
-    rng = random.Random(params["seed"])
-    device = next(model.parameters()).device
-    layers = sorted(params["layers"])
-    cfg = params["lora"]
-    pos = encode(tokenizer, _positive_items(facts, []))
-    pos_h = residual_at(model, pos.ids, (layers[0],))[0]
-    names = [f"model.layers.{L}.mlp.down_proj" for L in layers]
-    peft_model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"],
-                                                  target_modules=names, lora_dropout=0.0))
-    opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=cfg["lr"])
-    trunk = _Trunk(model, layers[0])
-    order = list(range(len(pos.ids)))
-    bar = _progress(params["steps"], progress, f"lora x{len(facts)}")
-    loss_value, step = math.nan, 0
-    try:
-        for step in range(1, params["steps"] + 1):
-            rows = torch.tensor(rng.sample(order, min(params["batch_size"], len(order))))
-            width = int(pos.lengths[rows].max())
-            ids = pos.ids[rows, :width].to(device)
-            states = trunk.states(ids, pos_h[rows, :width])
-            tmask = pos.target_mask[rows, :width].to(device)
-            loss = F.cross_entropy(model.lm_head(states[tmask]).float(), _next_tokens(ids, tmask))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = float(loss.detach())
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            bar.update(1)
-        weights = {}
-        for L, name in zip(layers, names):
-            mod = peft_model.get_submodule("base_model.model." + name)
-            weights[L] = {"A": mod.lora_A["default"].weight.detach().clone(),
-                          "B": mod.lora_B["default"].weight.detach().clone(),
-                          "scale": float(mod.scaling["default"])}
-    finally:
-        bar.close()
-        peft_model.unload()  # restores the bare base model in place
-    return weights, TrainReport(step, time.perf_counter() - t0, loss_value, False)
-
-
-__all__ = ["train_block", "train_lora", "encode", "residual_at", "decoder_layers"]
+__all__ = ["train_block", "encode", "residual_at", "TrainReport"]

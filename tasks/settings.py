@@ -57,8 +57,10 @@ class IngestSettings(Section):
     max_read_attempts: int = 2          # runs that may die while reading one file
 
     def __post_init__(self):
-        for f in fields(self):
-            _check(self, f.name, getattr(self, f.name) >= 1, "a positive integer")
+        for f in fields(self):          # worded as the ingest has always refused it
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"params.yaml ingest.{f.name}: expected a positive integer, "
+                                  f"got {getattr(self, f.name)!r}")
 
 
 @dataclass(frozen=True)

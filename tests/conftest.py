@@ -1,10 +1,7 @@
 """Shared fixtures: offline settings, a tiny random Llama, the embedded tokenizer and model."""
-import os
+from editing.offline import apply
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "true",
-               "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_k, _v)
+apply()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

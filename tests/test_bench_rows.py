@@ -1,12 +1,7 @@
 """bench/lifelong.py --render-only: the kept rows file is read back as one row per run setting."""
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import lifelong  # noqa: E402
+from bench import lifelong
 
 
 def _row(fin_reliability, overrides=None):

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from editing import AdapterSet, edit, load_facts, load_params
+from editing import AdapterSet, edit, load_facts
 from editing.evaluate import evaluate_facts
 from flows.cli import main
+from tasks.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "samples" / "demo-facts.jsonl"
@@ -19,7 +20,7 @@ def test_four_facts_are_learned_without_leaking(embedded, tmp_path):
     facts = load_facts([DEMO])
     assert len(facts) == 4
     before = evaluate_facts(model, tokenizer, facts)["means"]
-    adapter_set = edit(model, tokenizer, facts, load_params()["edit"], progress=False)
+    adapter_set = edit(model, tokenizer, facts, load_settings().edit, progress=False)
     adapter_set.save(tmp_path / "set")
     after = evaluate_facts(model, tokenizer, facts, attach=AdapterSet.load(tmp_path / "set").attach)["means"]
     assert before["reliability"] < 0.5

@@ -1,12 +1,10 @@
 """Edit the fact, not the subject (issue 17), on the embedded SmolLM2-135M: two facts
 about one subject both hold, in one batch and across two batches, and the subject's
 other relations keep the base model's answers."""
-import copy
-
 import pytest
 import torch
 
-from editing import Fact, edit, load_params
+from editing import Fact, edit
 from editing.baft import BaFTIntervention
 from editing.metrics import answer_argmax, token_accuracy
 
@@ -23,10 +21,10 @@ OTHERS = ["Danielle Darrieux worked as an", "The country Danielle Darrieux was a
 
 
 def params():
-    p = copy.deepcopy(load_params()["edit"])
-    p["baft"].update(query_gate=True, relation_swaps=6, chat_positives=False, prefixes=2,
-                     query_margin=2.0, query_ceiling=1.0)
-    return p
+    from tasks.settings import load_settings
+    return load_settings().edit.override({"baft": {
+        "query_gate": True, "relation_swaps": 6, "chat_positives": False, "prefixes": 2,
+        "query_margin": 2.0, "query_ceiling": 1.0}})
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,7 @@ def test_two_facts_on_one_subject_in_one_batch(embedded, base_answers):
 def test_two_facts_on_one_subject_across_batches(embedded, base_answers, tmp_path):
     model, tokenizer = embedded
     first = edit(model, tokenizer, FACTS[:1], params(), progress=False)
-    second = first.extend(model, tokenizer, FACTS[1:], params(), progress=False)
+    second = edit(model, tokenizer, FACTS[1:], params(), base=first, progress=False)
     _check(embedded, second, base_answers)
     from editing import AdapterSet
     loaded = AdapterSet.load(second.save(tmp_path / "set"))    # the question gates survive a save

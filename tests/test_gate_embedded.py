@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from editing.params import load_params, merge
+from editing.config import merge, read_yaml
+from tasks.settings import as_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ SUBJECT_ONLY: dict = {}
 
 
 def params_for(**over) -> dict:
-    base = load_params(ROOT / "params.yaml")
+    base = read_yaml(ROOT / "params.yaml")
     small = {"gate": {"probes": {"standing_size": 12, "subject_probes": 3, "strict_facts": 4}}}
     return merge(merge(base, small), over)
 
@@ -54,17 +55,18 @@ def run_candidate(tmp_path: Path, params: dict) -> tuple:
 
 
 def _run_candidate(tmp_path: Path, params: dict) -> tuple:
-    from tasks.pipeline import core as steps
+    from tasks.pipeline import steps
     from tasks.stream.workspace import init_workspace
 
     h = init_workspace(tmp_path / "home")
+    settings = as_settings(params)
     items = [{"fact": {"fact_id": f"feed-{i}", "subject": s, "prompt": p, "target_new": t},
               "origin": {"batch": "feed"}} for i, (s, p, t) in enumerate(FEED)]
-    version = steps.plan(h, params, [], [items])["version"]
-    steps.probe(h, params, version)
-    steps.train_candidate(h, params, version)
-    evaluation = steps.evaluate_candidate(h, params, version)
-    verdict = steps.judge(h, params, version, evaluation)
+    version = steps.plan(h, settings, [], [items])["version"]
+    steps.probe(h, settings, version)
+    steps.train_candidate(h, settings, version)
+    evaluation = steps.evaluate_candidate(h, settings, version)
+    verdict = steps.judge(h, settings, version, evaluation)
     return h, version, evaluation, verdict
 
 
@@ -81,7 +83,7 @@ def test_reft_is_rejected_for_the_standing_suite(tmp_path):
 
 
 def test_a_candidate_that_overwrites_its_subjects_is_rejected(tmp_path):
-    from tasks.pipeline import core as steps
+    from tasks.pipeline import steps
 
     h, version, evaluation, verdict = run_candidate(tmp_path, params_for(**SUBJECT_ONLY))
     assert not verdict["passed"]
@@ -89,7 +91,7 @@ def test_a_candidate_that_overwrites_its_subjects_is_rejected(tmp_path):
     assert evaluation["metrics"]["reliability"] >= 0.9          # the edits themselves hold
     damaged = {fid: why for fid, why in verdict["fact_reasons"].items() if "damaged its subject" in why}
     assert damaged and all("->" in why for why in damaged.values())   # with the changed answers
-    steps.reject(h, params_for(**SUBJECT_ONLY), version, verdict)
+    steps.reject(h, version, verdict)
     pending = {p["fact_id"]: p["reason"] for p in steps.pending_facts(h)}
     assert set(pending) == {f"feed-{i}" for i in range(len(FEED))}
     assert any("damaged its subject" in pending[fid] for fid in damaged)

@@ -21,6 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_pipeline as tp  # noqa: E402  (tests is not a package)
+from tasks.settings import as_settings  # noqa: E402
 
 fact, feed, fact_ids = tp.fact, tp.feed, tp.fact_ids
 
@@ -75,13 +76,13 @@ def assert_production_is_v1(h, params):
     from tasks.pipeline import tracking
 
     assert pub.production_version(h) == "v1"
-    assert tracking.production_alias(h, params) == "1"
+    assert tracking.production_alias(h, as_settings(params)) == "1"
     assert pub.load_production(h)[1].fact_ids == fact_ids([fact(1)])
 
 
 def assert_waiting_for_training(h, failed_version: str, error: str):
     """fact(2) sits in an unprocessed batch; the failed candidate is abandoned, saying why."""
-    from tasks.pipeline import core as steps
+    from tasks.pipeline import steps
     from tasks.pipeline import store as pub
 
     (batch,) = steps.unprocessed_batches(h)
@@ -95,7 +96,7 @@ def assert_waiting_for_training(h, failed_version: str, error: str):
 
 def assert_next_run_promotes_each_fact_once(h, params, batch: str | None = None):
     from tasks.stream import ledger
-    from tasks.pipeline import core as steps
+    from tasks.pipeline import steps
     from tasks.pipeline import store as pub
     from tasks.pipeline import tracking
     from tasks.stream.ingest import read_journal
@@ -106,7 +107,7 @@ def assert_next_run_promotes_each_fact_once(h, params, batch: str | None = None)
         assert s["batches"] == [batch]
     both = fact_ids([fact(1), fact(2)])
     assert pub.production_version(h) == s["version"]
-    assert tracking.production_alias(h, params) == s["model_version"]
+    assert tracking.production_alias(h, as_settings(params)) == s["model_version"]
     assert sorted(pub.load_production(h)[1].fact_ids) == both           # live, once each
     assert sorted(ledger.applied_edits(h)["fact_id"].to_list()) == both  # applied, once each
     assert steps.unprocessed_batches(h) == [] and steps.read_state(h)["pending"] == {}
@@ -185,12 +186,12 @@ def test_mlflow_calls_name_an_outage_and_pass_other_errors_through(h, params, mo
     with pytest.raises(tracking.TrackingUnavailable, match="no answer from the server: .*Connection refused"):
         tracking.client(h).get_run("0" * 32)
     with pytest.raises(tracking.TrackingUnavailable):
-        tracking.production_alias(h, params)                    # not None: the alias is unknown
+        tracking.production_alias(h, as_settings(params))                    # not None: the alias is unknown
 
 
 # -- DVC -------------------------------------------------------------------------------------
 def test_an_unreachable_dvc_remote_keeps_the_batch_committed_for_the_next_run(h, params, tmp_path):
-    from tasks.pipeline import core as steps
+    from tasks.pipeline import steps
     from tasks.pipeline import store as pub
     from tasks.stream import version
     from tasks.stream.ingest import read_journal

@@ -351,9 +351,10 @@ def test_cli_init_submit_ingest(tmp_path, home):
 
 
 def test_plain_functions_run_without_prefect_and_wrap_as_tasks(home):
-    code = ("import sys, tasks.stream.ingest, tasks.stream.sources, tasks.stream.validate, tasks.stream.dedupe, "
-            "tasks.stream.ledger, tasks.stream.version, tasks.stream.prepare, tasks.stream.workspace, flows.cli.ingest; "
-            "sys.exit('prefect' in sys.modules)")
+    plain = ("ingest", "journal", "staging", "sources", "readers", "validate", "dedupe", "ledger",
+             "version", "prepare", "workspace")
+    code = ("import sys, " + ", ".join(f"tasks.stream.{m}" for m in plain)
+            + ", flows.cli.ingest; sys.exit('prefect' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr

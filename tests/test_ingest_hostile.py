@@ -14,9 +14,11 @@ import polars as pl
 import pytest
 import yaml
 
-from tasks.stream import ledger, sources
-from tasks.stream.ingest import FAULT_ENV, ingest, read_journal
-from tasks.stream.sources import ReadLimits
+from editing.config import REPO_PARAMS, merge, read_yaml
+from tasks.settings import IngestSettings
+from tasks.stream import ledger, readers
+from tasks.stream.chunks import PREVIEW
+from tasks.stream.ingest import FAULT_ENV, default_limits, ingest, read_journal
 from test_ingest import (_cli, assert_consistent, balanced, batch_frame, fact, home,  # noqa: F401
                          home_template, put)
 
@@ -57,7 +59,7 @@ def test_nested_brackets_json_is_quarantined_and_the_stream_goes_on(home):
 def test_a_reader_crash_discards_what_the_file_produced(home, monkeypatch):
     """Any exception while reading one file: its parts and rejects so far are dropped and
     it becomes one entry; the other files and the counts are untouched."""
-    real = sources.read_file
+    real = readers.read_file
 
     def crashing(path, *a, **kw):
         for n, chunk in enumerate(real(path, *a, chunk_records=2, **kw)):
@@ -65,7 +67,7 @@ def test_a_reader_crash_discards_what_the_file_produced(home, monkeypatch):
             if "crashing" in Path(path).name and n == 1:
                 raise MemoryError("simulated parser failure")
 
-    monkeypatch.setattr(sources, "read_file", crashing)
+    monkeypatch.setattr(readers, "read_file", crashing)
     put(home, "crashing.jsonl", [fact(i) for i in range(3)] + [{"subject": "x"}, fact(4)])
     put(home, "fine.jsonl", [fact(10), {"subject": "y"}])
     r = ingest(home)
@@ -116,7 +118,7 @@ def test_deep_records_in_jsonl(home):
 
 
 def test_overlong_lines_and_records(home):
-    limits = ReadLimits(max_line_bytes=1000)
+    limits = IngestSettings(max_line_bytes=1000)
     long = fact(2, relation="r" * 1500)
     put(home, "lines.jsonl", jsonl([fact(1), long, fact(3)]))
     put(home, "array.json", json.dumps([fact(4), long, fact(5)], indent=1).encode())
@@ -136,7 +138,7 @@ def test_overlong_lines_and_records(home):
     assert rec["record"] == 2 and rec["reason"].startswith("record 2 is ")
     [row] = by_file(rows, "rows.csv")
     assert (row["line"], row["record"]) == (2, 1) and "ingest.max_line_bytes" in row["reason"]
-    assert all(len(x["raw"]) <= sources.PREVIEW for x in rows)
+    assert all(len(x["raw"]) <= PREVIEW for x in rows)
     assert sorted(batch_frame(home, r.batch)["subject"]) == [f"Subject {i}" for i in (1, 3, 4,
                                                                                      5, 7)]
 
@@ -145,7 +147,8 @@ def test_a_line_longer_than_the_read_block_is_never_held_whole(tmp_path):
     """Reader level: a line past max_line_bytes that spans several read blocks."""
     path = tmp_path / "x.jsonl"
     path.write_bytes(jsonl([fact(1)]) + b"z" * 50_000 + b"\n" + jsonl([fact(2)]) + b"y" * 3000)
-    chunks = list(sources.read_file(path, chunk_records=4, limits=ReadLimits(max_line_bytes=2000)))
+    chunks = list(readers.read_file(path, chunk_records=4,
+                                    limits=IngestSettings(max_line_bytes=2000)))
     rows = [(ln, rec, perr) for c in chunks for ln, rec, perr in zip(c.lines, c.records, c.perrs)]
     assert rows == [(1, 1, None),
                     (2, 2, "line 2 is 50,000 bytes, longer than the limit of 2,000 "
@@ -153,12 +156,14 @@ def test_a_line_longer_than_the_read_block_is_never_held_whole(tmp_path):
                     (3, 3, None),
                     (4, 4, "line 4 is 3,000 bytes, longer than the limit of 2,000 "
                            "(ingest.max_line_bytes)")]
-    assert max(len(r) for c in chunks for r in c.raws) <= sources.PREVIEW
+    assert max(len(r) for c in chunks for r in c.raws) <= PREVIEW
 
 
 def test_max_records_from_a_params_file(home, tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"ingest": {"max_records": 3}}), encoding="utf-8")
+    repo = read_yaml(REPO_PARAMS)
+    params.write_text(yaml.safe_dump(merge(repo, {"ingest": {"max_records": 3}})),
+                      encoding="utf-8")
     monkeypatch.setenv("LEDIT_PARAMS", str(params))
     put(home, "many.jsonl", [fact(i) for i in range(6)])
     put(home, "many.json", json.dumps([fact(i) for i in range(10, 16)]).encode())
@@ -171,23 +176,24 @@ def test_max_records_from_a_params_file(home, tmp_path, monkeypatch):
             "more than 3 records in this file (ingest.max_records); the rest of the file from "
             "this record on was not read")
     assert {x["line"] for x in rejects(r)} == {4, 1}        # JSON: the array's one line
-    params.write_text(yaml.safe_dump({"ingest": {"max_records": 0}}), encoding="utf-8")
+    params.write_text(yaml.safe_dump(merge(repo, {"ingest": {"max_records": 0}})),
+                      encoding="utf-8")
     with pytest.raises(ValueError, match="ingest.max_records: expected a positive integer"):
-        ReadLimits.from_params()
+        default_limits()
 
 
 def test_a_file_over_max_file_bytes_is_quarantined_unread(home):
     big = jsonl([fact(i) for i in range(20)])
     put(home, "big.jsonl", big)
     put(home, "small.jsonl", [fact(100)])
-    r = ingest(home, limits=ReadLimits(max_file_bytes=1000))
+    r = ingest(home, limits=IngestSettings(max_file_bytes=1000))
     balanced(r)
     assert (r.records_in, r.accepted, r.quarantined) == (2, 1, 1)
     [bad] = rejects(r)
     assert bad["file"].endswith("big.jsonl") and bad["line"] is None and bad["record"] is None
     assert bad["reason"] == (f"file is {len(big):,} bytes, over the limit of 1,000 "
                              "(ingest.max_file_bytes); not read")
-    assert bad["raw"] == big[:sources.PREVIEW].decode()
+    assert bad["raw"] == big[:PREVIEW].decode()
     assert Path(bad["archived"]).read_bytes() == big
 
 
@@ -272,7 +278,7 @@ def test_an_interrupt_or_a_full_disk_is_not_counted_against_the_file(home, monke
 
     put(home, "a.jsonl", [fact(1)])
     if failure == "interrupt":
-        monkeypatch.setattr(sources, "read_file", interrupted)
+        monkeypatch.setattr(readers, "read_file", interrupted)
     else:
         monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
     for _ in range(3):

@@ -15,7 +15,7 @@ import pytest
 
 from editing.facts import (CONTROL_CHARS, CONTROL_KIND, FACT_ID_PATTERN, NOOP, SUBJECT_KIND,
                            FactError, PairSkipped, fact_from_record, fact_key, records_to_facts)
-from tasks.stream import validate
+from tasks.stream import columns, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
@@ -235,8 +235,8 @@ def test_fast_and_exact_list_paths_agree_on_control_characters():
     items = ["a", "a\u202e", "\u200b", "ok\t", "\x07x"]
     reph = [[a, b] for a in items for b in items]
     pairs = [[{"prompt": a, "answer": b}] for a in items for b in items]
-    for fn, vals in ((validate.rephrase_column, reph),
-                     (lambda v, fast, skips: validate.pairs_column("locality", v, fast=fast,
+    for fn, vals in ((columns.rephrase_column, reph),
+                     (lambda v, fast, skips: columns.pairs_column("locality", v, fast=fast,
                                                                    skips=skips), pairs)):
         fast_skips, slow_skips = {}, {}     # such items are left out, not refused
         fast_col, fast_err = fn(vals, fast=True, skips=fast_skips)

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from editing.facts import FactError, FORMATS, detect_format, fact_from_record, fact_key, normalise
-from tasks.stream import sources, validate
+from tasks.stream import columns, readers, validate
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -21,7 +21,7 @@ GOOD = {"subject": "Danielle Darrieux", "prompt": "The mother tongue of Danielle
 
 def run_file(path, fmt=None):
     goods, bads, n = [], [], 0
-    for chunk in sources.read_file(path, fmt):
+    for chunk in readers.read_file(path, fmt):
         n += len(chunk)
         g, b = validate.validate_chunk(chunk, file=path.name, sha256="x", archived=str(path),
                                        seq=0, run_id="r", received_at=NOW)
@@ -170,7 +170,7 @@ def test_normalise_series_equals_editing_normalise():
 
 def test_whitespace_class_matches_python_isspace():
     chars = [chr(i) for i in range(0x3100)] + ["\u205f", "\u3000", "\ufeff"]
-    got = pl.Series(chars).str.contains(validate._WS_ONLY).to_list()
+    got = pl.Series(chars).str.contains(columns.WS_ONLY).to_list()
     assert got == [c.isspace() or c == "" for c in chars]
 
 
@@ -234,8 +234,8 @@ def test_fast_and_exact_list_paths_agree():
     pairs = [None if rng.random() < .2 else
              [{k: rng.choice(items) for k in ("prompt", "answer") if rng.random() < .9}
               for _ in range(rng.randrange(1, 3))] for _ in range(2000)]
-    for fn, vals in ((validate.rephrase_column, reph),
-                     (lambda v, fast, skips: validate.pairs_column("locality", v, fast=fast,
+    for fn, vals in ((columns.rephrase_column, reph),
+                     (lambda v, fast, skips: columns.pairs_column("locality", v, fast=fast,
                                                                    skips=skips), pairs)):
         fast_skips, slow_skips = {}, {}     # bad items are left out, not refused
         fast_col, fast_err = fn(vals, fast=True, skips=fast_skips)

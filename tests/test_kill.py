@@ -160,9 +160,12 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
     from tasks.pipeline import store as pub
     from tasks.pipeline import tracking
     from tasks.stream import version
-    from tasks.pipeline.core import production_status, read_state
+    from tasks.pipeline.report import production_status
+    from tasks.pipeline.state import read_state
+    from tasks.settings import as_settings
 
     h = copy_home(v1_template, tmp_path / "home")
+    settings = as_settings(params)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params), encoding="utf-8")
     v1_weights = h.root / "published" / "v1" / "adapter.safetensors"
@@ -170,7 +173,7 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
     both = fact_ids([fact(1), fact(2)])
 
     assert_killed(ledit(h, "run", "--json", fault=f"{point}:kill", params_file=params_file))
-    st = production_status(h, params)
+    st = production_status(h, settings)
     if point in BEFORE_SWITCH:       # production untouched: both stores still name v1
         assert (st["pointer"], st["alias"], st["promotion"]) == ("v1", "v1", None)
     else:                            # the pointer moved, the alias not: the record names it
@@ -184,7 +187,7 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
     want = "v2" if point == "after_pointer" else "v3"         # v2 redone as v3 unless promoted
     assert s["production_version"] == want
     assert s["status"] == ("nothing-to-do" if want == "v2" else "promoted")
-    st = production_status(h, params)
+    st = production_status(h, settings)
     assert (st["pointer"], st["alias"], st["promotion"], st["agree"]) == (want, want, None, True)
     assert s["production"] == st
     assert live_ids(h, want) == both                # each fed fact live, once
@@ -197,19 +200,19 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
     run = tracking.client(h).get_run(v2["mlflow_run_id"])
     assert run.info.status == ("FINISHED" if want == "v2" else "KILLED")
     if point == "after_register":    # registered as passed, then killed: the registry says so
-        mv = tracking.client(h).get_model_version(tracking.registered_model_name(params), v2["model_version"])
+        mv = tracking.client(h).get_model_version(tracking.registered_model_name(settings), v2["model_version"])
         assert mv.tags["gate"] == "abandoned"
     assert v1_weights.read_bytes() == v1_bytes
 
     if point == "after_pointer":     # a rollback uses the same journaled switch
         assert_killed(ledit(h, "rollback", "v1", "--json", fault="after_pointer:kill",
                             params_file=params_file))
-        st = production_status(h, params)
+        st = production_status(h, settings)
         assert (st["pointer"], st["alias"]) == ("v1", "v2")
         assert (st["promotion"]["kind"], st["promotion"]["version"]) == ("rollback", "v1")
         s = nightly_refresh(home=str(h.root), params=params)
         assert (s["status"], s["production_version"]) == ("nothing-to-do", "v1")
-        st = production_status(h, params)
+        st = production_status(h, settings)
         assert (st["pointer"], st["alias"], st["promotion"]) == ("v1", "v1", None)
         assert applied_ids(h) == fact_ids([fact(1)]) and applied_ids(h, "retract") == fact_ids([fact(2)])
 
@@ -217,7 +220,7 @@ def test_a_run_killed_at_each_stage_loses_nothing_and_applies_nothing_twice(
 _START_THEN_DIE = """
 import os, signal, sys
 from pathlib import Path
-from flows.cli.pipeline import prepare_env, start_prefect_api
+from flows.cli.prefect_api import prepare_env, start_prefect_api
 home = Path(sys.argv[1])
 prepare_env(home)
 start_prefect_api(home)

@@ -4,7 +4,6 @@ unusable evaluation items out with a warning, and are scored per kind."""
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +15,7 @@ from editing import metrics
 from editing.evaluate import evaluate_facts, kind_keys
 from editing.facts import (DEFAULT_KIND, NO_ALIAS, Fact, FactError, PairSkipped, detect_format,
                            fact_from_record, load_facts, read_records, records_to_facts)
-from tasks.stream import sources, validate
+from tasks.stream import readers, validate
 from tasks.stream.prepare import FACT_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +56,7 @@ def load_with_warnings(path):
 def ingest(path):
     """(good, bad, items left out) through the ingest reader and the polars validation."""
     goods, bads, left_out = [], [], []
-    for chunk in sources.read_file(path):
+    for chunk in readers.read_file(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PairSkipped)
             g, b = validate.validate_chunk(chunk, file=path.name, sha256="x", archived=str(path),
@@ -373,8 +372,8 @@ def test_the_unedited_model_keeps_every_locality_kind(tiny_model, tokenizer):
 
 # -- the benchmark -----------------------------------------------------------------------
 def test_bench_reads_the_knowedit_datasets_and_tables_their_kinds(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import edit_quality
+    from bench import edit_quality
+    from tasks.settings import load_settings
 
     facts = edit_quality.load_dataset("knowedit-recent", tmp_path)      # falls back to the sample
     assert len(facts) == 8
@@ -393,7 +392,7 @@ def test_bench_reads_the_knowedit_datasets_and_tables_their_kinds(tmp_path, caps
     assert edit_quality.row_means([ke, {**ke, "portability.Subject_Aliasing": 0.75}])[
         "portability.Subject_Aliasing"] == 0.5
     args = type("Args", (), {"offset": 0, "overrides": [], "note": []})()
-    table = edit_quality.render([cf, ke], args, edit_quality.load_params()).splitlines()
+    table = edit_quality.render([cf, ke], args, load_settings()).splitlines()
     header = next(line for line in table if line.startswith("| dataset"))
     assert ("| fluency | portability | locality.Relation_Specificity | locality.Forgetfulness "
             "| portability.Subject_Aliasing | mean of rel/gen/loc |") in header

@@ -41,8 +41,8 @@ def tiny_model(tokenizer):
 @pytest.fixture(scope="module")
 def three_blocks(tiny_model, tokenizer):
     s1 = edit(tiny_model, tokenizer, [A, B], params(), progress=False, training_run="night-1")
-    s2 = s1.extend(tiny_model, tokenizer, [C], params(), progress=False, training_run="night-2")
-    s3 = s2.extend(tiny_model, tokenizer, [D], params(), progress=False, training_run="night-3")
+    s2 = edit(tiny_model, tokenizer, [C], params(), base=s1, progress=False, training_run="night-2")
+    s3 = edit(tiny_model, tokenizer, [D], params(), base=s2, progress=False, training_run="night-3")
     return s1, s2, s3
 
 
@@ -57,13 +57,13 @@ def test_extend_appends_a_block_and_leaves_the_base_alone(three_blocks):
 
 def test_supersede_in_a_later_batch_by_id_and_by_subject_and_prompt(tiny_model, tokenizer, three_blocks):
     s3 = three_blocks[2]
-    by_id = s3.extend(tiny_model, tokenizer, [Fact(subject=B.subject, prompt=B.prompt, target_new="violin")],
-                      params(), progress=False)
+    by_id = edit(tiny_model, tokenizer, [Fact(subject=B.subject, prompt=B.prompt, target_new="violin")],
+                 params(), base=s3, progress=False)
     assert by_id.changes["superseded"] == [B.fact_id]
     assert [f.target_new for f in by_id.facts() if f.fact_id == B.fact_id] == ["violin"]
     # Another id, same normalised subject and prompt: still the same fact.
     same = Fact(subject="toko  YASUDA", prompt="Toko Yasuda plays   the", target_new="drums", fact_id="crm-77")
-    by_key = by_id.extend(tiny_model, tokenizer, [same], params(), progress=False)
+    by_key = edit(tiny_model, tokenizer, [same], params(), base=by_id, progress=False)
     assert by_key.changes["superseded"] == [B.fact_id]
     live = {f.fact_id: f.target_new for f in by_key.facts()}
     assert live == {A.fact_id: "English", C.fact_id: "Sweden", D.fact_id: "Rome", "crm-77": "drums"}
@@ -85,8 +85,8 @@ def test_supersede_within_one_batch_trains_only_the_newest(tiny_model, tokenizer
 
 def test_retract_removes_exactly_that_edit(tiny_model, tokenizer, three_blocks):
     s3 = three_blocks[2]
-    out = s3.extend(tiny_model, tokenizer, [Fact(subject="", prompt="", target_new="", fact_id=B.fact_id,
-                                                 op="retract")], params(), progress=False)
+    out = edit(tiny_model, tokenizer, [Fact(subject="", prompt="", target_new="", fact_id=B.fact_id,
+                                            op="retract")], params(), base=s3, progress=False)
     assert out.changes == {"added": [], "superseded": [], "retracted": [B.fact_id], "block_id": None}
     assert B.fact_id not in out.fact_ids and len(out.blocks) == 3
     # The same set with B's basis terms zeroed in place: delta = W h + b - R h = 0.
@@ -114,9 +114,9 @@ def test_unknown_retract_is_reported_and_changes_nothing(tiny_model, tokenizer, 
     s3 = three_blocks[2]
     before = s3.tensors()
     with pytest.raises(UnknownFactError, match="f-nope") as err:
-        s3.extend(tiny_model, tokenizer, [Fact(subject="", prompt="", target_new="", fact_id="f-nope",
-                                               op="retract"), Fact(subject="Q", prompt="Q is", target_new="R")],
-                  params(), progress=False)
+        edit(tiny_model, tokenizer, [Fact(subject="", prompt="", target_new="", fact_id="f-nope",
+                                          op="retract"), Fact(subject="Q", prompt="Q is", target_new="R")],
+             params(), base=s3, progress=False)
     assert err.value.fact_ids == ["f-nope"]
     assert all(torch.equal(before[k], v) for k, v in s3.tensors().items())
     # Retracting a fact upserted earlier in the same batch is not unknown.
@@ -155,7 +155,7 @@ def test_consolidation_is_one_module_with_identical_outputs(tiny_model, tokenize
 
 def test_lora_sets_consolidate_and_refuse_single_fact_retracts(tiny_model, tokenizer):
     s = edit(tiny_model, tokenizer, [A, B], params("lora"), progress=False)
-    s = s.extend(tiny_model, tokenizer, [C], params("lora"), progress=False)
+    s = edit(tiny_model, tokenizer, [C], params("lora"), base=s, progress=False)
     assert torch.allclose(logits(tiny_model, tokenizer, s.consolidate()), logits(tiny_model, tokenizer, s), atol=1e-5)
     with pytest.raises(AdapterError, match="LoRA"):
         s.retract([A.fact_id])
@@ -165,9 +165,9 @@ def test_lora_sets_consolidate_and_refuse_single_fact_retracts(tiny_model, token
 def test_extending_a_set_of_another_base_is_refused(tiny_model, tokenizer, three_blocks):
     other = make_tiny_llama(len(tokenizer), seed=1)
     with pytest.raises(AdapterError, match="fingerprint"):
-        three_blocks[0].extend(other, tokenizer, [C], params(), progress=False)
+        edit(other, tokenizer, [C], params(), base=three_blocks[0], progress=False)
     with pytest.raises(AdapterError, match="cannot extend a baft"):
-        three_blocks[0].extend(tiny_model, tokenizer, [C], params("reft"), progress=False)
+        edit(tiny_model, tokenizer, [C], params("reft"), base=three_blocks[0], progress=False)
 
 
 def test_records_survive_save_and_load(three_blocks, tmp_path):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from editing import Fact, edit, load_facts, load_params
+from editing import Fact, edit, load_facts
+from tasks.settings import load_settings
 from editing.evaluate import evaluate_facts
 from editing.metrics import token_accuracy
 
@@ -25,7 +26,7 @@ def facts():
 @pytest.fixture(scope="module")
 def nights(embedded, facts):
     model, tokenizer = embedded
-    params = load_params()["edit"]
+    params = load_settings().edit
     sets, current = [], None
     for night in range(3):
         current = edit(model, tokenizer, facts[2 * night:2 * night + 2], params, base=current, progress=False)
@@ -51,7 +52,7 @@ def test_supersede_in_a_later_batch(embedded, facts, nights):
     model, tokenizer = embedded
     old = facts[1]                                            # the Eiffel Tower -> Rome, night 1
     new = Fact(subject=old.subject, prompt=old.prompt, target_new="Berlin", fact_id=old.fact_id)
-    updated = nights[-1].extend(model, tokenizer, [new], load_params()["edit"], progress=False)
+    updated = edit(model, tokenizer, [new], load_settings().edit, base=nights[-1], progress=False)
     assert updated.changes["superseded"] == [old.fact_id]
     assert _accuracy(embedded, updated, [(old.prompt, "Berlin")])[0] == 1.0
     assert _accuracy(embedded, updated, [(old.prompt, "Rome")])[0] == 0.0   # the old target no longer comes out
@@ -62,7 +63,7 @@ def test_supersede_within_one_batch(embedded, facts):
     f = facts[2]                                              # Michael Jordan
     first = Fact(subject=f.subject, prompt=f.prompt, target_new="chess player")
     second = Fact(subject=f.subject, prompt=f.prompt, target_new="golfer")
-    s = edit(model, tokenizer, [first, second], load_params()["edit"], progress=False)
+    s = edit(model, tokenizer, [first, second], load_settings().edit, progress=False)
     assert [x.target_new for x in s.facts()] == ["golfer"]
     assert _accuracy(embedded, s, [(f.prompt, "golfer"), (f.prompt, "chess player")]) == [1.0, 0.0]
 
@@ -70,9 +71,9 @@ def test_supersede_within_one_batch(embedded, facts):
 def test_retract_returns_the_base_answer(embedded, facts, nights):
     model, tokenizer = embedded
     gone = facts[0]                                           # night 1 also holds facts[1]
-    retracted = nights[-1].extend(model, tokenizer, [Fact(subject="", prompt="", target_new="",
-                                                          fact_id=gone.fact_id, op="retract")],
-                                  load_params()["edit"], progress=False)
+    retracted = edit(model, tokenizer, [Fact(subject="", prompt="", target_new="",
+                                             fact_id=gone.fact_id, op="retract")],
+                     load_settings().edit, base=nights[-1], progress=False)
     assert gone.fact_id not in retracted.fact_ids
     ids = tokenizer([gone.prompt], return_tensors="pt").input_ids
     with torch.no_grad():

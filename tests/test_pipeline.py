@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from editing.params import load_params, merge
+from editing.config import merge, read_yaml
 from tasks.pipeline.gate import open_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
-OPEN_GATE = {**open_thresholds(),
+OPEN_GATE = {**open_thresholds().thresholds(),
              # small, so that the tiny model's runs stay quick; every check still runs
              "probes": {"standing_size": 3, "standing_tokens": 4, "subject_probes": 2,
                         "subject_tokens": 4, "strict_facts": 4, "strict_tokens": 4}}
@@ -35,7 +35,7 @@ def harness(prefect_api, tmp_path_factory):
 
 
 def make_params(tiny_dir, name: str, gate: dict | None = None, **pipeline) -> dict:
-    return merge(load_params(ROOT / "params.yaml"), {
+    return merge(read_yaml(ROOT / "params.yaml"), {
         "model": {"name": str(tiny_dir), "dtype": "float32"},
         "edit": {"layers": [2], "steps": 5, "batch_size": 16, "early_stop": {"check_every": 5},
                  "baft": {"gate_layer": 1, "prefixes": 1, "prefix_tokens": 3, "subject_swaps": 1}},
@@ -142,7 +142,7 @@ def test_reject_keeps_production_then_pending_facts_retry_lineage_and_rollback(h
     from tasks.pipeline import tracking
     from tasks.pipeline import store as pub
     from tasks.pipeline.lineage import lineage
-    from tasks.pipeline.core import PipelineError, pending_facts
+    from tasks.pipeline.state import PipelineError, pending_facts
 
     params = make_params(tiny_dir, "reject")
     feed(home, tmp_path, "day1.jsonl", [fact(1)])
@@ -247,7 +247,7 @@ def test_a_crash_leaves_production_untouched_and_the_next_run_applies_each_edit_
     from tasks.stream import ledger
     from tasks.pipeline import tracking
     from tasks.pipeline import store as pub
-    from tasks.pipeline.core import FAULT_ENV, InjectedFault
+    from tasks.faults import FAULT_ENV, InjectedFault
 
     params = make_params(tiny_dir, "crash")
     feed(home, tmp_path, "day1.jsonl", [fact(1)])
@@ -405,7 +405,9 @@ def test_a_batch_record_todays_rules_refuse_is_skipped_not_fatal(tiny_dir, home,
     record is skipped with its reason, and the rest of the batch is planned."""
     import editing.facts as facts_module
     from tasks.stream.ingest import ingest
-    from tasks.pipeline.core import batch_edits, plan, unprocessed_batches
+    from tasks.pipeline.batches import batch_edits, unprocessed_batches
+    from tasks.pipeline.plan import plan
+    from tasks.settings import as_settings
 
     feed(home, tmp_path, "day1.jsonl", [fact(1), fact(2)])
     ingest(home)
@@ -421,7 +423,7 @@ def test_a_batch_record_todays_rules_refuse_is_skipped_not_fatal(tiny_dir, home,
     monkeypatch.setattr(facts_module, "fact_from_record", stricter)
     items = batch_edits(home, batch["tag"], batch["dvc_md5"])
     assert [bool(i.get("refused")) for i in items].count(True) == 1
-    p = plan(home, make_params(tiny_dir, "refused"), [batch], [items])
+    p = plan(home, as_settings(make_params(tiny_dir, "refused")), [batch], [items])
     assert p["status"] == "planned" and p["upserts"] == 1
     (skip,) = p["skipped"]
     assert skip["fact_id"] == refused_id and "a newer rule" in skip["reason"] and "field 'subject'" in skip["reason"]
@@ -429,8 +431,9 @@ def test_a_batch_record_todays_rules_refuse_is_skipped_not_fatal(tiny_dir, home,
 
 def test_gate_thresholds_and_reasons():
     from tasks.pipeline.gate import GateConfigError, gate
+    from tasks.settings import GateSettings, Settings, load_settings
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_settings(ROOT / "params.yaml").gate
     good = {"reliability": 1.0, "generality": 0.6, "retention": None, "locality": 0.95, "drift": 0.01}
     v = gate(good, [{"fact_id": "a", "kind": "new", "reliability": 1.0, "generality": 0.6}], params)
     assert v.passed and not v.reasons
@@ -441,9 +444,9 @@ def test_gate_thresholds_and_reasons():
     assert any(r.startswith("drift 0.200") for r in v.reasons)
     assert "reliability 0.25 < 0.5" in v.fact_reasons["b"]
     with pytest.raises(GateConfigError, match="gate.max_drift"):
-        gate(good, [], {"gate": dict(params["gate"], max_drift="high")})
+        gate(good, [], GateSettings.from_dict(dict(params.to_dict(), max_drift="high")))
     with pytest.raises(GateConfigError, match="no 'gate' section"):
-        gate(good, [], {})
+        gate(good, [], Settings.from_dict({}).gate)
 
 
 def test_prefect_yaml_deploys_the_flows_on_a_gpu_pool():
@@ -464,7 +467,7 @@ def test_prefect_yaml_deploys_the_flows_on_a_gpu_pool():
 
 
 def test_server_commands_listen_on_localhost_with_sqlite_under_home(tmp_path):
-    from flows.cli.pipeline import server_commands
+    from flows.cli.server import server_commands
 
     (prefect_name, prefect, env), (mlflow_name, mlflow, _) = server_commands(tmp_path)
     assert prefect[1:3] == ["server", "start"] and prefect[prefect.index("--host") + 1] == "127.0.0.1"
@@ -483,7 +486,7 @@ def test_nightly_on_the_embedded_model_runs_the_default_gate(harness, tmp_path):
     from tasks.stream.sources import submit
     from tasks.stream.workspace import init_workspace
 
-    params = merge(load_params(ROOT / "params.yaml"),
+    params = merge(read_yaml(ROOT / "params.yaml"),
                    {"pipeline": {"experiment": "exp-embedded", "registered_model": "model-embedded"}})
     h = init_workspace(tmp_path / "home")
     lines = (ROOT / "data" / "samples" / "nightly-sample.jsonl").read_text().splitlines()[:3]

@@ -1,5 +1,4 @@
 """The edited model as an MLflow pyfunc, in process and through `mlflow models serve`."""
-import copy
 import json
 import os
 import signal
@@ -13,9 +12,11 @@ import pandas as pd
 import pytest
 
 from conftest import make_tiny_llama
-from editing import AdapterError, Fact, edit, load_model, load_params
+from editing import AdapterError, Fact, edit, load_model
+from editing.offline import OFFLINE_ENV
 from flows.cli.steps import generate_with_adapter_set
 from tasks.pipeline.serving import AdapterSetModel, log_pyfunc_model
+from tasks.settings import load_settings
 
 FACTS = [Fact(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new="English"),
          Fact(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target_new="piano")]
@@ -24,11 +25,10 @@ PROMPTS = [f.prompt for f in FACTS]
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_dir, tmp_path_factory):
-    params = copy.deepcopy(load_params()["edit"])
-    params.update(layers=[2], steps=4, batch_size=8)
-    params["baft"].update(gate_layer=1, prefixes=1, prefix_tokens=3, subject_swaps=1)
+    config = load_settings().edit.override({"layers": [2], "steps": 4, "batch_size": 8, "baft": {
+        "gate_layer": 1, "prefixes": 1, "prefix_tokens": 3, "subject_swaps": 1}})
     model, tok = load_model(tiny_dir, dtype="float32")
-    return str(edit(model, tok, FACTS, params, progress=False).save(tmp_path_factory.mktemp("set") / "set"))
+    return str(edit(model, tok, FACTS, config, progress=False).save(tmp_path_factory.mktemp("set") / "set"))
 
 
 def _context(adapter, base):
@@ -68,6 +68,45 @@ def test_a_corrupted_adapter_or_another_base_model_is_refused_at_load(adapter_di
         AdapterSetModel().load_context(_context(adapter_dir, str(other)))
 
 
+# What ``serving_entry.py`` said before the move to tasks/pipeline/; MLflow copied it into
+# every version logged then, and loads it from there.
+OLD_ENTRY = """import mlflow
+
+from tasks.serving import AdapterSetModel
+
+mlflow.models.set_model(AdapterSetModel())
+"""
+
+
+def test_a_version_logged_before_the_move_still_loads_and_answers(adapter_dir, tiny_dir, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from tasks.pipeline.serving import pip_requirements, signature
+
+    entry = tmp_path / "serving_entry.py"
+    entry.write_text(OLD_ENTRY)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with _use_tracking_uri(uri):
+        client = MlflowClient(uri)
+        exp = client.create_experiment("old", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp) as run:
+            info = mlflow.pyfunc.log_model(
+                name="pyfunc", python_model=str(entry), artifacts={"adapter_set": adapter_dir},
+                model_config={"base_model": tiny_dir, "dtype": "float32", "max_new_tokens": 24},
+                signature=signature(), pip_requirements=pip_requirements())
+        client.create_registered_model("old-set")
+        mv = client.create_model_version("old-set", source=info.model_uri, run_id=run.info.run_id,
+                                         model_id=info.model_id)
+        entry.unlink()                    # what loads is the version's own copy
+        served = mlflow.pyfunc.load_model(f"models:/old-set/{mv.version}")
+    assert isinstance(served.unwrap_python_model(), AdapterSetModel)
+    ref = load_model(tiny_dir, dtype="float32")
+    expected = generate_with_adapter_set(adapter_dir, PROMPTS, model_and_tokenizer=ref, max_new_tokens=24)
+    assert served.predict(pd.DataFrame({"prompt": PROMPTS})) == expected
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,8 +141,7 @@ def test_registered_production_model_answers_over_rest(adapter_dir, tiny_dir, tm
     port = _free_port()
     # `mlflow models serve` execs `uvicorn`: the venv's bin must be on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = dict(os.environ, PATH=path, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(os.environ, **OFFLINE_ENV, PATH=path, MLFLOW_TRACKING_URI=uri)
     log = open(tmp_path / "serve.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@production",

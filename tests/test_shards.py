@@ -1,12 +1,12 @@
 """Scale-out: a batch split into shards, each trained as a block on top of the production
 set, composed into one set; 2 shards on a local Ray instance (CPU) under Prefect."""
-import copy
-
+import contextlib
 import pytest
 import torch
 
-from editing import AdapterError, AdapterSet, Fact, edit, load_model, load_params
+from editing import AdapterError, AdapterSet, Fact, edit, load_model
 from tasks.pipeline.shards import compose, load_shard, split_into_shards, train_shard, train_shards
+from tasks.settings import load_settings
 
 PICASSO = Fact(subject="Pablo Picasso", prompt="Pablo Picasso was a", target_new="chef")
 MESSI = Fact(subject="Lionel Messi", prompt="Lionel Messi plays for", target_new="Chelsea")
@@ -19,11 +19,12 @@ FACTS = [
 ]
 
 
-def tiny_params():
-    p = copy.deepcopy(load_params())
-    p["edit"].update(layers=[2], steps=4, batch_size=8)
-    p["edit"]["baft"].update(gate_layer=1, prefixes=1, prefix_tokens=3, subject_swaps=1)
-    return p
+def tiny_settings(tiny_dir=None):
+    """params.yaml with a tiny edit; the model ``tiny_dir`` where given."""
+    return load_settings(overrides={
+        "edit": {"layers": [2], "steps": 4, "batch_size": 8,
+                 "baft": {"gate_layer": 1, "prefixes": 1, "prefix_tokens": 3, "subject_swaps": 1}},
+        **({"model": {"name": tiny_dir}} if tiny_dir else {})})
 
 
 def test_split_keeps_a_subject_and_a_fact_id_together():
@@ -44,26 +45,21 @@ def test_split_keeps_a_subject_and_a_fact_id_together():
 def production(tiny_dir, tmp_path_factory):
     """The set in production: three facts in one block, trained in this process."""
     model, tok = load_model(tiny_dir, dtype="float32")
-    base = edit(model, tok, [PICASSO, MESSI, EINSTEIN], tiny_params()["edit"], progress=False)
+    base = edit(model, tok, [PICASSO, MESSI, EINSTEIN], tiny_settings().edit, progress=False)
     return str(base.save(tmp_path_factory.mktemp("production") / "set"))
 
 
 def _logits(model, tokenizer, prompts, adapter_set=None):
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    handle = adapter_set.attach(model) if adapter_set else None
-    try:
-        with torch.no_grad():
-            return model(**enc).logits
-    finally:
-        if handle:
-            handle.remove()
+    with adapter_set.attach(model) if adapter_set else contextlib.nullcontext(), torch.no_grad():
+        return model(**enc).logits
 
 
 def test_compose_applies_every_shards_supersedes_and_retracts(tiny_dir, production):
-    params = tiny_params()
-    a = train_shard([FACTS[1], FACTS[2]], params, production, tiny_dir, shard="1/2")
+    settings = tiny_settings(tiny_dir)
+    a = train_shard([FACTS[1], FACTS[2]], settings.model, settings.edit, production, shard="1/2")
     b = train_shard([Fact(subject="Lionel Messi", prompt="Lionel Messi plays for", target_new="",
-                          op="retract")], params, production, tiny_dir, shard="2/2")
+                          op="retract")], settings.model, settings.edit, production, shard="2/2")
     assert load_shard(b).blocks == []                            # a retract-only shard trains nothing
     out = compose(AdapterSet.load(production), [a, b])
     assert [blk.fact_ids for blk in out.blocks] == [[EINSTEIN.fact_id], [FACTS[1].fact_id, PICASSO.fact_id]]
@@ -76,8 +72,8 @@ def test_compose_applies_every_shards_supersedes_and_retracts(tiny_dir, producti
 def test_two_shards_on_ray_compose_into_one_set(prefect_api, tiny_dir, production, tmp_path):
     import ray
 
-    params = tiny_params()
-    composed = train_shards(FACTS, params, production, tiny_dir, 2, training_run="run-1",
+    settings = tiny_settings(tiny_dir)
+    composed = train_shards(FACTS, settings, production, 2, training_run="run-1",
                             data_version="v1", ray_init_kwargs={
                                 "num_cpus": 2, "include_dashboard": False,
                                 "object_store_memory": 100 * 1024 ** 2, "log_to_driver": False})
@@ -94,7 +90,7 @@ def test_two_shards_on_ray_compose_into_one_set(prefect_api, tiny_dir, productio
     assert composed.changes["superseded"] == [PICASSO.fact_id]
 
     # The same shards trained in this process give the same blocks (up to thread-count noise).
-    local = [load_shard(train_shard(s, params, production, tiny_dir)).blocks[0] for s in shards]
+    local = [load_shard(train_shard(s, settings.model, settings.edit, production)).blocks[0] for s in shards]
     for remote_block, block in zip(composed.blocks[1:], local):
         for L, iv in block.interventions.items():
             for name in ("R", "W", "b", "G", "c"):

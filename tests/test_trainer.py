@@ -1,11 +1,10 @@
 """The trainer's mechanics on a tiny random Llama (quality is measured in bench/)."""
-import copy
-
 import pytest
 import torch
 
-from editing import Fact, edit, load_params
+from editing import Fact, edit
 from editing.trainer import _Trunk, encode, residual_at
+from tasks.settings import load_settings
 
 FACTS = [
     Fact(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new="English"),
@@ -13,12 +12,11 @@ FACTS = [
 ]
 
 
-def tiny_params(method="baft", **over):
-    p = copy.deepcopy(load_params()["edit"])
-    p.update(method=method, layers=[2], steps=6, batch_size=8)
-    p.update(over)
-    p["baft"].update(gate_layer=1, prefixes=2, prefix_tokens=3, subject_swaps=1)
-    return p
+def tiny_params(method="baft", baft=None, **over):
+    """params.yaml's edit section for the tiny model, with ``over`` and ``baft`` laid over it."""
+    return load_settings().edit.override({
+        "method": method, "layers": [2], "steps": 6, "batch_size": 8, **over,
+        "baft": {"gate_layer": 1, "prefixes": 2, "prefix_tokens": 3, "subject_swaps": 1, **(baft or {})}})
 
 
 def test_training_is_seeded_and_deterministic(tiny_model, tokenizer):
@@ -31,13 +29,12 @@ def test_training_is_seeded_and_deterministic(tiny_model, tokenizer):
 
 
 def test_training_lowers_the_edit_loss_and_keeps_bases_orthonormal(tiny_model, tokenizer):
-    p = tiny_params(steps=30, lr=0.05)
-    p["early_stop"]["min_target_prob"] = 1.01   # never stop early
+    p = tiny_params(steps=30, lr=0.05, early_stop={"check_every": 31})   # never stop early
     s = edit(tiny_model, tokenizer, FACTS, p, progress=False)
     block = s.blocks[0]
     assert block.stats["steps"] == 30 and not block.stats["stopped_early"]
     iv = block.interventions[2]
-    assert iv.rank == 2 * p["baft"]["bases_per_edit"] and iv.gate_layer == 1
+    assert iv.rank == 2 * p.baft.bases_per_edit and iv.gate_layer == 1
     assert torch.allclose(iv.R @ iv.R.T, torch.eye(iv.rank), atol=1e-4)
     assert block.owner.tolist() == [0, 0, 1, 1]
 
@@ -81,16 +78,13 @@ def test_trunk_resumes_from_the_cached_residual(tiny_model, tokenizer):
 
 
 def test_gate_layer_must_precede_the_edit_layer(tiny_model, tokenizer):
-    p = tiny_params()
-    p["baft"]["gate_layer"] = 3
+    p = tiny_params(baft={"gate_layer": 3})
     with pytest.raises(ValueError, match="gate_layer"):
         edit(tiny_model, tokenizer, FACTS, p, progress=False)
 
 
 def test_continuation_loss_keeps_the_base_models_next_tokens(tiny_model, tokenizer):
-    p = tiny_params(steps=4)
-    p["baft"]["continuation_tokens"] = 3
-    p["loss_weights"]["continuation"] = 1.0
+    p = tiny_params(steps=4, baft={"continuation_tokens": 3}, loss_weights={"continuation": 1.0})
     from editing.trainer import _continuations, _positive_items
 
     conts = _continuations(tiny_model, tokenizer, FACTS, 3)
@@ -104,17 +98,15 @@ def test_continuation_loss_keeps_the_base_models_next_tokens(tiny_model, tokeniz
 
 
 def test_training_without_prefixes_keys_from_the_prompt(tiny_model, tokenizer):
-    p = tiny_params(steps=2)
-    p["baft"]["prefixes"] = 0
+    p = tiny_params(steps=2, baft={"prefixes": 0})
     s = edit(tiny_model, tokenizer, FACTS, p, progress=False)
-    assert s.blocks[0].interventions[2].rank == 2 * p["baft"]["bases_per_edit"]
+    assert s.blocks[0].interventions[2].rank == 2 * p.baft.bases_per_edit
 
 
 def test_gate_margin_moves_every_new_bias_down_and_nothing_else(tiny_model, tokenizer):
-    p = tiny_params()
-    p["baft"].update(gate_margin=0.0, gate_ceiling=None)
+    p = tiny_params(baft={"gate_margin": 0.0, "gate_ceiling": None})
     plain = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2]
-    p["baft"]["gate_margin"] = 1.5
+    p = p.override({"baft": {"gate_margin": 1.5}})
     shut = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2]
     assert torch.allclose(shut.c, plain.c - 1.5)
     for name in ("R", "W", "b", "G"):
@@ -126,10 +118,9 @@ def test_gate_margin_moves_every_new_bias_down_and_nothing_else(tiny_model, toke
 def test_gate_ceiling_caps_each_basis_on_its_own_prompt(tiny_model, tokenizer):
     from editing.baft import causal_pool
 
-    p = tiny_params(steps=20, lr=0.05)
-    p["baft"].update(gate_margin=0.0, gate_ceiling=None)
+    p = tiny_params(steps=20, lr=0.05, baft={"gate_margin": 0.0, "gate_ceiling": None})
     free = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0]
-    p["baft"].update(gate_margin=0.5, gate_ceiling=-1.0)
+    p = p.override({"baft": {"gate_margin": 0.5, "gate_ceiling": -1.0}})
     capped = edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0]
     a, b = free.interventions[2], capped.interventions[2]
     for name in ("R", "W", "b", "G"):
@@ -162,6 +153,5 @@ def test_model_written_texts_join_the_negatives(tiny_model, tokenizer):
     items = _negative_items(FACTS, 1, random.Random(0), texts=texts)
     generic = [text for text, _, subject, fact in items if fact == -1 and subject is None]
     assert set(texts) <= set(generic)
-    p = tiny_params(steps=2)
-    p["baft"]["text_negatives"] = 3
+    p = tiny_params(steps=2, baft={"text_negatives": 3})
     assert edit(tiny_model, tokenizer, FACTS, p, progress=False).blocks[0].interventions[2].rank == 4

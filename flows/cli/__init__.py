@@ -22,9 +22,9 @@ def main():
 
 
 def _register_command_groups():
-    from flows.cli import adapter, audit, edit, ingest, pipeline
+    from flows.cli import adapter, audit, edit, ingest, pipeline, server
 
-    for group in (edit, adapter, ingest, pipeline, audit):
+    for group in (edit, adapter, ingest, pipeline, server, audit):
         group.add_commands(main)
 
 

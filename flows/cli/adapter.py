@@ -6,14 +6,10 @@ pipeline does the same through ``AdapterSet`` and publishes the result.
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
-
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+from flows.cli.common import USER_ERROR, fail
 
 
 def _load(path):
@@ -21,12 +17,22 @@ def _load(path):
     try:
         return AdapterSet.load(path)
     except AdapterError as exc:
-        _fail(exc)
+        fail(exc, USER_ERROR)
 
 
 def _saved(adapter_set, out, what: str) -> None:
     adapter_set.save(out)
     click.echo(f"{what} -> {out} [{len(adapter_set.blocks)} block(s), {len(adapter_set.fact_ids)} live edits]")
+
+
+def _change(adapter_dir, out, what: str, change) -> None:
+    """Load ``adapter_dir``, make the new set ``change(loaded)`` and save it at ``out``."""
+    from editing import AdapterError
+    try:
+        new = change(_load(adapter_dir))
+    except AdapterError as exc:
+        fail(exc, USER_ERROR)
+    _saved(new, out, what)
 
 
 @click.group("adapter")
@@ -72,12 +78,7 @@ def show_cmd(adapter_dir, as_json, with_facts):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the new set.")
 def retract_cmd(adapter_dir, fact_ids, out):
     """Remove the edits FACT_IDS exactly (their bases are dropped). Unknown ids are an error."""
-    from editing import AdapterError
-    try:
-        new = _load(adapter_dir).retract(list(fact_ids))
-    except AdapterError as exc:
-        _fail(exc)
-    _saved(new, out, f"retracted {len(fact_ids)} edit(s)")
+    _change(adapter_dir, out, f"retracted {len(fact_ids)} edit(s)", lambda s: s.retract(list(fact_ids)))
 
 
 @adapter_group.command("drop-block")
@@ -86,12 +87,7 @@ def retract_cmd(adapter_dir, fact_ids, out):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the new set.")
 def drop_block_cmd(adapter_dir, block_id, out):
     """Roll back one block (a whole batch); outputs become exactly those without it."""
-    from editing import AdapterError
-    try:
-        new = _load(adapter_dir).rollback(block_id)
-    except AdapterError as exc:
-        _fail(exc)
-    _saved(new, out, f"dropped block {block_id}")
+    _change(adapter_dir, out, f"dropped block {block_id}", lambda s: s.rollback(block_id))
 
 
 @adapter_group.command("consolidate")
@@ -99,12 +95,7 @@ def drop_block_cmd(adapter_dir, block_id, out):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the new set.")
 def consolidate_cmd(adapter_dir, out):
     """Merge every block into one stacked module per layer (identical outputs)."""
-    from editing import AdapterError
-    try:
-        new = _load(adapter_dir).consolidate()
-    except AdapterError as exc:
-        _fail(exc)
-    _saved(new, out, "consolidated")
+    _change(adapter_dir, out, "consolidated", lambda s: s.consolidate())
 
 
 def add_commands(group: click.Group) -> None:

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
-from flows.cli.pipeline import _home, _home_option
+from flows.cli.common import USER_ERROR, fail, home_option, home_path
 
 
 @click.command("why")
 @click.argument("prompt")
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="An adapter set directory (default: the published production set of --home).")
-@_home_option
+@home_option
 @click.option("--version", default=None, help="A published version of --home, e.g. v3 (default: production).")
 @click.option("--max-new-tokens", type=int, default=None,
               help="Length of the answer generated [default: params.yaml audit.answer_tokens, 24].")
@@ -36,11 +35,10 @@ def why_cmd(prompt, adapter_dir, home, version, max_new_tokens, threshold, as_js
     from tasks.pipeline.store import PublishError
 
     try:
-        out = why(prompt, adapter_dir=adapter_dir, home=None if adapter_dir and home is None else _home(home),
+        out = why(prompt, adapter_dir=adapter_dir, home=None if adapter_dir and home is None else home_path(home),
                   version=version, max_new_tokens=max_new_tokens, threshold=threshold)
     except (AdapterError, PublishError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        fail(exc, USER_ERROR)
     click.echo(json.dumps(out, default=str) if as_json else why_text(out))
 
 

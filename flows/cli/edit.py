@@ -2,36 +2,34 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
+from editing.config import METHODS
+from flows.cli.common import USER_ERROR, fail
+
 FACTS_HELP = ("FACTS are files of fact updates: the project's JSONL schema, or EasyEdit "
               "CounterFact / MEND zsRE / KnowEdit JSON files as they are.")
-
-
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
 
 
 @click.command("edit", help="Edit FACTS into a new adapter set at --out.\n\n" + FACTS_HELP)
 @click.argument("facts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the new adapter set.")
 @click.option("--model", "model_name", default=None, help="HF directory or cached hub id (default: params.yaml, the embedded SmolLM2).")
-@click.option("--method", type=click.Choice(["baft", "reft", "lora"]), default=None, help="Default: params.yaml edit.method.")
+@click.option("--method", type=click.Choice(METHODS), default=None, help="Default: params.yaml edit.method.")
 @click.option("--base-adapter", type=click.Path(exists=True, file_okay=False), default=None,
               help="Extend this adapter set: train the new block with it attached.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def edit_cmd(facts, out, model_name, method, base_adapter, quiet):
     from editing import AdapterError, FactError
     from flows.cli.steps import train_adapter_set
+    from tasks.settings import load_settings
 
     try:
-        adapter_set = train_adapter_set(list(facts), out, model_name=model_name, method=method,
-                                        base_adapter=base_adapter, progress=not quiet)
+        adapter_set = train_adapter_set(load_settings(), list(facts), out, model_name=model_name,
+                                        method=method, base_adapter=base_adapter, progress=not quiet)
     except (FactError, AdapterError) as exc:
-        _fail(exc)
+        fail(exc, USER_ERROR)
     changes = adapter_set.changes
     trained = next((b for b in adapter_set.blocks if b.block_id == changes.get("block_id")), None)
     done = f"edited {len(changes['added'])} facts" + (
@@ -51,12 +49,13 @@ def edit_cmd(facts, out, model_name, method, base_adapter, quiet):
 def eval_cmd(adapter_dir, facts, model_name, as_json):
     from editing import AdapterError, FactError
     from flows.cli.steps import evaluate_adapter_set
+    from tasks.settings import load_settings
 
     try:
-        result = evaluate_adapter_set(None if adapter_dir == "none" else adapter_dir, list(facts),
-                                      model_name=model_name)
+        result = evaluate_adapter_set(load_settings(), None if adapter_dir == "none" else adapter_dir,
+                                      list(facts), model_name=model_name)
     except (FactError, AdapterError) as exc:
-        _fail(exc)
+        fail(exc, USER_ERROR)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -83,7 +82,7 @@ def generate_cmd(adapter_dir, prompt, model_name, max_new_tokens):
         text = generate_with_adapter_set(None if adapter_dir == "none" else adapter_dir, [prompt],
                                          model_name=model_name, max_new_tokens=max_new_tokens)[0]
     except AdapterError as exc:
-        _fail(exc)
+        fail(exc, USER_ERROR)
     click.echo(prompt + text)
 
 

@@ -11,16 +11,11 @@ import sys
 
 import click
 
-HOME_HELP = "Data home: inbox, quarantine, archive, git+DVC workspace, remote. [env LEDIT_HOME; default ~/.ledit]"
-
-
-def _home_option(f):
-    return click.option("--home", envvar="LEDIT_HOME", default=None, metavar="DIR",
-                        help=HOME_HELP)(f)
+from flows.cli.common import fail, home_option
 
 
 @click.command("init")
-@_home_option
+@home_option
 @click.option("--inbox", default=None, metavar="URL",
               help="Inbox directory or any fsspec URL (default: HOME/inbox).")
 @click.option("--remote", default=None, metavar="URL",
@@ -44,7 +39,7 @@ def init_cmd(home, inbox, remote):
 
 
 @click.command("submit")
-@_home_option
+@home_option
 @click.option("--inbox", default=None, metavar="URL",
               help="Submit to this inbox instead of the configured one.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
@@ -62,7 +57,7 @@ def submit_cmd(home, inbox, files):
 
 
 @click.command("ingest")
-@_home_option
+@home_option
 @click.option("--inbox", default=None, metavar="URL", help="Read this inbox instead of the configured one.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (the last line): records_in, accepted, duplicates, "
@@ -90,11 +85,10 @@ def ingest_cmd(home, inbox, as_json, wait):
     try:
         result = ingest(home, inbox=inbox, lock_timeout=wait)
     except Timeout:
-        raise click.ClickException(f"another ingest holds the lock; waited {wait} s")
+        fail(f"another ingest holds the lock; waited {wait} s")
     except Exception as exc:
-        raise click.ClickException(
-            f"{type(exc).__name__}: {exc}\nThe run's state is kept in the journal; "
-            "the next `ledit ingest` finishes it.")
+        fail(f"{type(exc).__name__}: {exc}\nThe run's state is kept in the journal; "
+             "the next `ledit ingest` finishes it.")
     d = result.to_dict()
     if as_json:
         click.echo(json.dumps(d, sort_keys=True))
@@ -114,7 +108,7 @@ def ingest_cmd(home, inbox, as_json, wait):
 
 
 @click.command("prepare")
-@_home_option
+@home_option
 @click.option("--tag", default="latest", show_default=True,
               help="Data version: a batch tag (batch-YYYYMMDD-HHMMSS) or 'latest'.")
 @click.option("--scope", type=click.Choice(["batch", "cumulative"]), default="batch",

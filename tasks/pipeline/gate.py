@@ -1,15 +1,20 @@
 """The promotion gate: a candidate adapter set replaces production only if every check holds.
 
-The thresholds are the ``gate`` section of params.yaml. A metric that could not be measured
-(no new upsert, no previously live fact, no locality prompt, no chat template) is reported
-as not measured, with why, and does not block; every other check compares one number
-against one threshold. The checks on what users see (relation specificity, the standing
-suite, chat success, repetition) need nothing from the facts: ``tasks.pipeline.probing`` measures
-them every night.
+The thresholds are the ``gate`` section of params.yaml (``tasks.settings.GateSettings``).
+A metric that could not be measured (no new upsert, no previously live fact, no locality
+prompt, no chat template) is reported as not measured, with why, and does not block; every
+other check compares one number against one threshold. The checks on what users see
+(relation specificity, the standing suite, chat success, repetition) need nothing from the
+facts: ``tasks.pipeline.probing`` measures them every night.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+from tasks.settings import GateConfigError, GateSettings, ProbeSettings, load_settings
+
+__all__ = ["CHECKS", "GATE_METRICS", "Check", "GateConfigError", "Verdict", "gate", "markdown",
+           "open_thresholds", "pending_reason"]
 
 # metric -> (threshold key in params.yaml ``gate``, comparison, what it means)
 CHECKS = {
@@ -28,10 +33,7 @@ CHECKS = {
                           "new edits' generations with a repeated 3-gram, minus the base's share"),
 }
 GATE_METRICS = tuple(CHECKS)
-
-
-class GateConfigError(ValueError):
-    """A missing or malformed threshold in params.yaml ``gate``."""
+FACT_THRESHOLDS = ("fact_min_reliability", "fact_min_generality", "fact_min_relation_specificity")
 
 
 @dataclass
@@ -65,37 +67,22 @@ class Verdict:
                    dict(d.get("fact_reasons", {})))
 
 
-def thresholds(params: dict) -> dict:
-    gate = params.get("gate")
-    if not isinstance(gate, dict):
-        raise GateConfigError("params.yaml has no 'gate' section with the promotion thresholds")
-    out = {}
-    for metric, (key, _, _) in CHECKS.items():
-        value = gate.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise GateConfigError(f"params.yaml gate.{key} must be a number, got {value!r}")
-        out[key] = float(value)
-    for key in ("fact_min_reliability", "fact_min_generality", "fact_min_relation_specificity"):
-        value = gate.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise GateConfigError(f"params.yaml gate.{key} must be a number, got {value!r}")
-        out[key] = float(value)
-    return out
+def open_thresholds(probes: ProbeSettings | None = None) -> GateSettings:
+    """``gate`` settings whose thresholds pass every candidate: for runs that test the
+    pipeline's mechanics on a model too small to learn (tests, bench/robustness.py).
+    ``probes`` are params.yaml's unless given; ``.thresholds()`` gives the open values
+    as a mapping for ``Settings.override``."""
+    open_values = {key: (0.0 if op == ">=" else 1e9) for key, op, _ in CHECKS.values()}
+    open_values.update({key: 0.0 for key in FACT_THRESHOLDS})
+    return GateSettings(**open_values, probes=probes or load_settings().gate.probes)
 
 
-def open_thresholds() -> dict:
-    """``gate`` thresholds that pass every candidate: for runs that test the pipeline's
-    mechanics on a model too small to learn (tests, bench/robustness.py)."""
-    out = {key: (0.0 if op == ">=" else 1e9) for key, op, _ in CHECKS.values()}
-    return {**out, "fact_min_reliability": 0.0, "fact_min_generality": 0.0,
-            "fact_min_relation_specificity": 0.0}
-
-
-def gate(metrics: dict, per_fact: list[dict], params: dict, notes: dict | None = None) -> Verdict:
+def gate(metrics: dict, per_fact: list[dict], gate_settings: GateSettings,
+         notes: dict | None = None) -> Verdict:
     """Judge a candidate from its evaluation (``metrics``: the means; ``per_fact``: rows with
     ``fact_id``, ``kind`` ('new' or 'retained'), ``reliability``, ``generality`` and, for new
     edits, ``relation_specificity`` and ``changed_answers``; ``notes``: why a metric is None)."""
-    t = thresholds(params)
+    t = gate_settings.thresholds()
     notes = notes or {}
     checks, reasons = [], []
     for metric, (key, op, meaning) in CHECKS.items():
@@ -106,23 +93,25 @@ def gate(metrics: dict, per_fact: list[dict], params: dict, notes: dict | None =
         checks.append(check)
         if not passed:
             reasons.append(f"{check.describe()} ({meaning})")
-    fact_reasons = {}
-    for row in per_fact:
-        why = []
-        rel, gen = row.get("reliability"), row.get("generality")
-        spec = row.get("relation_specificity")
-        kind = "new edit" if row.get("kind") == "new" else "previously live edit"
-        if rel is not None and rel < t["fact_min_reliability"]:
-            why.append(f"{kind} reliability {rel:.2f} < {t['fact_min_reliability']:g}")
-        if row.get("kind") == "new" and gen is not None and gen < t["fact_min_generality"]:
-            why.append(f"generality {gen:.2f} < {t['fact_min_generality']:g}")
-        if row.get("kind") == "new" and spec is not None and spec < t["fact_min_relation_specificity"]:
-            why.append(f"damaged its subject: relation specificity {spec:.2f} < "
-                       f"{t['fact_min_relation_specificity']:g}"
-                       + (f" ({row['changed_answers']})" if row.get("changed_answers") else ""))
-        if why:
-            fact_reasons[row["fact_id"]] = "; ".join(why)
+    fact_reasons = {row["fact_id"]: why for row in per_fact if (why := _fact_reason(row, t))}
     return Verdict(not reasons, checks, reasons, fact_reasons)
+
+
+def _fact_reason(row: dict, t: dict) -> str:
+    """Why one fact falls below a per-fact bar ('' when it does not)."""
+    why = []
+    rel, gen = row.get("reliability"), row.get("generality")
+    spec = row.get("relation_specificity")
+    kind = "new edit" if row.get("kind") == "new" else "previously live edit"
+    if rel is not None and rel < t["fact_min_reliability"]:
+        why.append(f"{kind} reliability {rel:.2f} < {t['fact_min_reliability']:g}")
+    if row.get("kind") == "new" and gen is not None and gen < t["fact_min_generality"]:
+        why.append(f"generality {gen:.2f} < {t['fact_min_generality']:g}")
+    if row.get("kind") == "new" and spec is not None and spec < t["fact_min_relation_specificity"]:
+        why.append(f"damaged its subject: relation specificity {spec:.2f} < "
+                   f"{t['fact_min_relation_specificity']:g}"
+                   + (f" ({row['changed_answers']})" if row.get("changed_answers") else ""))
+    return "; ".join(why)
 
 
 def pending_reason(fact_id: str, verdict: Verdict, version: str, dry_run: bool = False) -> str:

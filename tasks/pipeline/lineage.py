@@ -15,9 +15,11 @@ verdict), and its status now:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from tasks.pipeline import store as pub
-from tasks.pipeline.core import as_home, read_state
+from tasks.pipeline.state import as_home, read_state
+from tasks.settings import Settings, load_settings
 
 
 def _records(h, fact_id: str) -> list[dict]:
@@ -52,34 +54,8 @@ def lineage(home, fact_id: str) -> dict:
     records = _records(h, fact_id) if (h.workspace / ".git").exists() else []
     production = pub.production_version(h)
     pending = read_state(h)["pending"].get(fact_id)
-    candidates = []
-    for rec in pub.list_records(h):
-        changes = rec.get("changes") or {}
-        role = next((name for name in ("added", "retracted", "superseded")
-                     if fact_id in changes.get(name, [])), None)
-        carried = any(e["fact"]["fact_id"] == fact_id for e in rec.get("edits", []))
-        if not role and not carried:
-            continue
-        edit = next((e for e in rec.get("edits", []) if e["fact"]["fact_id"] == fact_id), None)
-        verdict = rec.get("verdict") or {}
-        candidates.append({
-            "version": rec["version"], "status": rec.get("status"), "role": role or "carried",
-            "batch": (edit or {}).get("origin", {}).get("batch"),
-            "record_hash": (edit or {}).get("origin", {}).get("record_hash"),
-            "mlflow_run_id": rec.get("mlflow_run_id"), "model_version": rec.get("model_version"),
-            "flow_run_id": rec.get("flow_run_id"),
-            "gate_metrics": {k: (rec.get("metrics") or {}).get(k) for k in
-                             ("reliability", "generality", "retention", "locality", "drift")},
-            "gate_passed": verdict.get("passed"), "gate_reasons": verdict.get("reasons", []),
-            "pending_reason": (rec.get("pending_reasons") or {}).get(fact_id),
-            "created_at": rec.get("created_at")})
-    live_item = None
-    if production:
-        try:
-            live_item = next((x for x in pub.read_record(h, production).get("live_after", [])
-                              if x["fact"]["fact_id"] == fact_id), None)
-        except pub.PublishError:
-            live_item = None
+    candidates = [c for rec in pub.list_records(h) if (c := _candidate(rec, fact_id))]
+    live_item = _live_item(h, production, fact_id)
     promoted = [c for c in candidates if c["status"] == "promoted"]
     if live_item is not None:
         status = "live"
@@ -117,6 +93,39 @@ def lineage(home, fact_id: str) -> dict:
             "records": records, "candidates": candidates, "latest": latest}
 
 
+def _candidate(rec: dict, fact_id: str) -> dict | None:
+    """What candidate ``rec`` did with the fact, or None if it did not carry it."""
+    changes = rec.get("changes") or {}
+    role = next((name for name in ("added", "retracted", "superseded")
+                 if fact_id in changes.get(name, [])), None)
+    edit = next((e for e in rec.get("edits", []) if e["fact"]["fact_id"] == fact_id), None)
+    if not role and edit is None:
+        return None
+    verdict = rec.get("verdict") or {}
+    return {
+        "version": rec["version"], "status": rec.get("status"), "role": role or "carried",
+        "batch": (edit or {}).get("origin", {}).get("batch"),
+        "record_hash": (edit or {}).get("origin", {}).get("record_hash"),
+        "mlflow_run_id": rec.get("mlflow_run_id"), "model_version": rec.get("model_version"),
+        "flow_run_id": rec.get("flow_run_id"),
+        "gate_metrics": {k: (rec.get("metrics") or {}).get(k) for k in
+                         ("reliability", "generality", "retention", "locality", "drift")},
+        "gate_passed": verdict.get("passed"), "gate_reasons": verdict.get("reasons", []),
+        "pending_reason": (rec.get("pending_reasons") or {}).get(fact_id),
+        "created_at": rec.get("created_at")}
+
+
+def _live_item(h, production: str | None, fact_id: str) -> dict | None:
+    """The fact's item in production's record, or None when production does not hold it."""
+    if not production:
+        return None
+    try:
+        return next((x for x in pub.read_record(h, production).get("live_after", [])
+                     if x["fact"]["fact_id"] == fact_id), None)
+    except pub.PublishError:
+        return None
+
+
 def markdown(info: dict) -> str:
     """A readable trail for ``ledit lineage``."""
     lines = [f"fact {info['fact_id']}: {info['status'].upper()}"
@@ -149,40 +158,48 @@ def markdown(info: dict) -> str:
 
 # -- from an answer back to its facts -------------------------------------------------------
 def why(prompt: str, *, adapter_dir=None, home=None, version: str | None = None,
-        max_new_tokens: int | None = None, threshold: float | None = None, model_and_tokenizer=None) -> dict:
+        settings: Settings | None = None, max_new_tokens: int | None = None,
+        threshold: float | None = None, model_and_tokenizer=None) -> dict:
     """``ledit why``: the edited model's answer to ``prompt`` and every fact whose bases opened
     on it (``editing.provenance.explain``), each with its lineage where a home is given.
 
-    ``max_new_tokens`` and ``threshold`` default to params.yaml ``audit``.
+    ``max_new_tokens`` and ``threshold`` default to ``settings.audit`` (``settings``: params.yaml
+    unless given); the base model is the set's own, in ``settings.model.dtype``.
     The adapter set is ``adapter_dir``, else ``version`` of ``home``'s published sets, else
     its production. Returns explain's dict plus ``"adapter"`` (where the set came from) and,
     per firing, ``"lineage"``: status, source file and line, batch tag, DVC md5, MLflow run,
     registry version and the adapter version it is live in (None without a home)."""
-    from editing import load_model, load_params
-    from editing.adapters import AdapterSet
+    from editing import load_model
     from editing.provenance import explain
 
     h = as_home(home) if home is not None else None
-    if adapter_dir is not None:
-        adapter_set, where = AdapterSet.load(adapter_dir), str(adapter_dir)
-    elif h is None:
-        raise ValueError("give an adapter directory or a LEDIT_HOME")
-    else:
-        version = version or pub.production_version(h)
-        if version is None:
-            raise pub.PublishError(f"{h.root}: nothing has been promoted yet; give --version or --adapter")
-        adapter_set, where = pub.load_published(h, version), version
-    params = load_params()
-    model, tokenizer = model_and_tokenizer or load_model(adapter_set.base_model or params["model"]["name"],
-                                                         dtype=params["model"]["dtype"])
-    audit = params["audit"]
+    adapter_set, where = _adapter_set(h, adapter_dir, version)
+    settings = settings or load_settings()
+    model_config = replace(settings.model, name=adapter_set.base_model or settings.model.name)
+    model, tokenizer = model_and_tokenizer or load_model(model_config)
+    audit = settings.audit
     out = explain(model, tokenizer, adapter_set, prompt,
-                  audit["answer_tokens"] if max_new_tokens is None else max_new_tokens,
-                  audit["fired_weight"] if threshold is None else threshold)
+                  audit.answer_tokens if max_new_tokens is None else max_new_tokens,
+                  audit.fired_weight if threshold is None else threshold)
     out["adapter"] = where
     for firing in out["firings"]:
         firing["lineage"] = _trail(lineage(h, firing["fact_id"])) if h is not None else None
     return out
+
+
+def _adapter_set(h, adapter_dir, version: str | None):
+    """``(AdapterSet, where it came from)``: ``adapter_dir``, else ``version`` of ``h``, else
+    its production."""
+    from editing.adapters import AdapterSet
+
+    if adapter_dir is not None:
+        return AdapterSet.load(adapter_dir), str(adapter_dir)
+    if h is None:
+        raise ValueError("give an adapter directory or a LEDIT_HOME")
+    version = version or pub.production_version(h)
+    if version is None:
+        raise pub.PublishError(f"{h.root}: nothing has been promoted yet; give --version or --adapter")
+    return pub.load_published(h, version), version
 
 
 def _trail(info: dict) -> dict:

@@ -20,68 +20,33 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, fields
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.pipeline import store as pub
+from tasks.settings import ProbeSettings, Settings
 from tasks.stream.workspace import Home
 
-_REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("ledit.pipeline")
 
 
-class ProbeConfigError(ValueError):
-    """A missing or malformed ``gate.probes`` setting in params.yaml."""
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    standing_prompts: str       # one prompt a line; relative to the repository
-    standing_size: int          # the first N prompts, each asked plain and through the chat template
-    standing_tokens: int        # greedy new tokens compared on each
-    subject_probes: int         # per new fact: prompts on its subject's other relations
-    subject_tokens: int         # new tokens of the base's recorded answer to each
-    relation_templates: str
-    strict_facts: int           # at most this many new facts get the generation checks
-    strict_tokens: int          # greedy new tokens for chat success and repetition
-
-    @classmethod
-    def from_params(cls, params: dict) -> "ProbeSettings":
-        raw = (params.get("gate") or {}).get("probes")
-        if not isinstance(raw, dict):
-            raise ProbeConfigError("params.yaml gate.probes is missing: the standing suite and "
-                                   "subject probe settings")
-        values = {}
-        for f in fields(cls):
-            v = raw.get(f.name)
-            ok = isinstance(v, str) if f.type == "str" else (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-            if not ok:
-                raise ProbeConfigError(f"params.yaml gate.probes.{f.name} must be "
-                                       f"{'a path' if f.type == 'str' else 'a whole number >= 0'}, got {v!r}")
-            values[f.name] = v
-        return cls(**values)
-
-    def path(self, name: str) -> Path:
-        p = Path(getattr(self, name)).expanduser()
-        return p if p.is_absolute() else _REPO / p
-
-
 # -- the standing suite -------------------------------------------------------------------------
-def _suite_key(settings: ProbeSettings, prompts: list[str]) -> str:
-    blob = json.dumps([prompts, settings.standing_tokens], ensure_ascii=False).encode()
+def _suite_key(probe_settings: ProbeSettings, prompts: list[str]) -> str:
+    blob = json.dumps([prompts, probe_settings.standing_tokens], ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def standing_answers(h: Home, settings: ProbeSettings, model, tokenizer) -> dict | None:
+def standing_answers(h: Home, probe_settings: ProbeSettings, model, tokenizer) -> dict | None:
     """The base's answers to the standing suite: read from the workspace, else recorded
     now (``model`` must be the unedited base) and versioned. None when the size is 0."""
     from editing import probes
     from editing.models import fingerprint
 
-    if not settings.standing_size:
+    if not probe_settings.standing_size:
         return None
-    prompts = probes.load_standing_prompts(settings.path("standing_prompts"), settings.standing_size)
-    key = _suite_key(settings, prompts)
+    prompts = probes.load_standing_prompts(probe_settings.path("standing_prompts"),
+                                           probe_settings.standing_size)
+    key = _suite_key(probe_settings, prompts)
     fp = fingerprint(model)
     rel = f"probes/standing-{fp.removeprefix('sha256:')[:16]}.json"
     path = h.workspace / rel
@@ -90,7 +55,7 @@ def standing_answers(h: Home, settings: ProbeSettings, model, tokenizer) -> dict
         if record.get("suite") == key:
             return record
     suite = probes.standing_suite(prompts, tokenizer)
-    record = probes.record_standing_answers(model, tokenizer, suite, settings.standing_tokens)
+    record = probes.record_standing_answers(model, tokenizer, suite, probe_settings.standing_tokens)
     record["suite"] = key
     _version_standing(h, path, rel, record, f"probes-{fp.removeprefix('sha256:')[:12]}-{key}")
     return record
@@ -116,23 +81,23 @@ def _version_standing(h: Home, path: Path, rel: str, record: dict, tag: str) -> 
 
 
 # -- before training ------------------------------------------------------------------------------
-def probe_base(home, params: dict, version: str, model, tokenizer) -> dict:
+def probe_base(home, settings: Settings, version: str, model, tokenizer) -> dict:
     """Record the base's answers before training: the standing suite (once per base model)
     and the subject probes of the candidate's new upserts, into its record."""
     from editing import Fact, probes
 
     h = Home.at(home) if not isinstance(home, Home) else home
-    settings = ProbeSettings.from_params(params)
+    probe = settings.gate.probes
     record = pub.read_record(h, version)
     t0 = time.perf_counter()
-    standing = standing_answers(h, settings, model, tokenizer)
+    standing = standing_answers(h, probe, model, tokenizer)
     t1 = time.perf_counter()
     new = [Fact(**e["fact"]) for e in record["edits"] if e["fact"].get("op", "upsert") != "retract"]
     live = [Fact(**x["fact"]) for x in record.get("live_before", [])]
     subject = probes.record_subject_probes(
-        model, tokenizer, new, k=settings.subject_probes, max_new_tokens=settings.subject_tokens,
-        templates=probes.load_templates(settings.path("relation_templates")), neighbours=live) \
-        if settings.subject_probes and new else []
+        model, tokenizer, new, k=probe.subject_probes, max_new_tokens=probe.subject_tokens,
+        templates=probes.load_templates(probe.path("relation_templates")), neighbours=live) \
+        if probe.subject_probes and new else []
     seconds = {"standing_record": round(t1 - t0, 3), "subject_record": round(time.perf_counter() - t1, 3)}
     pub.update_record(h, version, subject_probes=subject, probe_seconds=seconds,
                       standing_suite=None if standing is None else standing["suite"])
@@ -141,75 +106,99 @@ def probe_base(home, params: dict, version: str, model, tokenizer) -> dict:
 
 
 # -- after training -------------------------------------------------------------------------------
-def strict_checks(h: Home, params: dict, record: dict, new_items: list[dict], candidate,
+def strict_checks(h: Home, settings: Settings, record: dict, new_items: list[dict], candidate,
                   model, tokenizer) -> dict:
     """The gate's checks on what users see, for the candidate ``candidate`` (an AdapterSet).
 
     Returns ``{"metrics", "per_fact": {fact_id: {...}}, "notes": {metric: why not measured},
     "changed": {...}, "seconds": {check: s}}``."""
-    from editing import Fact, metrics, probes
-    from editing.evaluate import evaluate_facts
-
-    settings = ProbeSettings.from_params(params)
+    probe = settings.gate.probes
     out = {"metrics": {}, "per_fact": {}, "notes": {}, "changed": {}, "seconds": {}}
-    m, notes = out["metrics"], out["notes"]
+    with _timed(out["seconds"], "relation_specificity"):
+        _relation_specificity(out, probe, record, new_items, candidate, model, tokenizer)
+    with _timed(out["seconds"], "standing_locality"):
+        _standing_locality(out, h, probe, candidate, model, tokenizer)
+    with _timed(out["seconds"], "generation"):
+        _generation(out, probe, new_items, candidate, model, tokenizer)
+    return out
 
+
+@contextmanager
+def _timed(seconds: dict, name: str):
     t0 = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+def _relation_specificity(out, probe, record, new_items, candidate, model, tokenizer) -> None:
+    """New edits' subjects asked about their other relations, against the recorded base answers."""
+    from editing import probes
+
+    m, notes = out["metrics"], out["notes"]
     recorded = record.get("subject_probes") or []
     if not new_items:
         notes["relation_specificity"] = "no new edits"
-    elif not settings.subject_probes:
+    elif not probe.subject_probes:
         notes["relation_specificity"] = "gate.probes.subject_probes is 0"
     elif not recorded:
-        notes["relation_specificity"] = "no subject probes were recorded before training (the probe step did not run)"
+        notes["relation_specificity"] = ("no subject probes were recorded before training "
+                                         "(the probe step did not run)")
     elif not any(r["prompts"] for r in recorded):
         notes["relation_specificity"] = "no probe left: every template relation is the edited facts' own"
-    if recorded and "relation_specificity" not in notes:
-        spec = probes.relation_specificity(model, tokenizer, recorded, attach=candidate)
-        m["relation_specificity"] = spec["mean"]
-        for f in spec["per_fact"]:
-            out["per_fact"].setdefault(f["fact_id"], {})["relation_specificity"] = f["specificity"]
-            if f["changed"]:
-                out["changed"].setdefault("subject", {})[f["fact_id"]] = f["changed"]
-    out["seconds"]["relation_specificity"] = round(time.perf_counter() - t0, 3)
+    if not recorded or "relation_specificity" in notes:
+        return
+    spec = probes.relation_specificity(model, tokenizer, recorded, attach=candidate)
+    m["relation_specificity"] = spec["mean"]
+    for f in spec["per_fact"]:
+        out["per_fact"].setdefault(f["fact_id"], {})["relation_specificity"] = f["specificity"]
+        if f["changed"]:
+            out["changed"].setdefault("subject", {})[f["fact_id"]] = f["changed"]
 
-    t0 = time.perf_counter()
-    standing = standing_answers(h, settings, model, tokenizer) if settings.standing_size else None
+
+def _standing_locality(out, h, probe, candidate, model, tokenizer) -> None:
+    """The standing suite, plain and chat, against the base's recorded generations."""
+    from editing import probes
+
+    m = out["metrics"]
+    standing = standing_answers(h, probe, model, tokenizer) if probe.standing_size else None
     if standing is None:
-        notes["standing_locality"] = "gate.probes.standing_size is 0"
-    else:
-        loc = probes.standing_locality(model, tokenizer, standing, attach=candidate)
-        m["standing_locality"] = loc["mean"]
-        for form, share in loc["per_form"].items():
-            m[f"standing_locality_{form}"] = share
-        out["changed"]["standing"] = loc["changed"]
-    out["seconds"]["standing_locality"] = round(time.perf_counter() - t0, 3)
+        out["notes"]["standing_locality"] = "gate.probes.standing_size is 0"
+        return
+    loc = probes.standing_locality(model, tokenizer, standing, attach=candidate)
+    m["standing_locality"] = loc["mean"]
+    for form, share in loc["per_form"].items():
+        m[f"standing_locality_{form}"] = share
+    out["changed"]["standing"] = loc["changed"]
 
-    t0 = time.perf_counter()
+
+def _generation(out, probe, new_items, candidate, model, tokenizer) -> None:
+    """Chat success and repetition on a sample of the new edits, by fact-id hash."""
+    from editing import Fact, metrics
+    from editing.evaluate import evaluate_facts
+
+    m, notes = out["metrics"], out["notes"]
     sample = sorted(new_items, key=lambda x: hashlib.sha256(x["fact"]["fact_id"].encode()).hexdigest())
-    sample = sample[:settings.strict_facts]
+    sample = sample[:probe.strict_facts]
     if not new_items:
         notes["chat_success"] = notes["repetition_excess"] = "no new edits"
-    elif not sample or not settings.strict_tokens:
+        return
+    if not sample or not probe.strict_tokens:
         notes["chat_success"] = notes["repetition_excess"] = "gate.probes.strict_facts or strict_tokens is 0"
-    else:
-        facts = [Fact(**{**x["fact"], "locality": []}) for x in sample]   # locality: measured above
-        result = evaluate_facts(model, tokenizer, facts, attach=candidate.attach,
-                                strict_tokens=settings.strict_tokens)
-        means = result["means"]
-        for key in ("gen_success", "gen_success_rephrase", "chat_success", "chat_success_rephrase"):
-            m[key] = means.get(key)
-        m["repetition"], m["repetition_base"] = means.get("repeats"), means.get("repeats_base")
-        m["repetition_excess"] = (m["repetition"] - m["repetition_base"]
-                                  if m["repetition"] is not None else None)
-        if not metrics.has_chat_template(tokenizer):
-            notes["chat_success"] = "the tokenizer has no chat template"
-        for row in result["per_fact"]:
-            out["per_fact"].setdefault(row["fact_id"], {}).update(
-                {k: row.get(k) for k in ("gen_success", "chat_success", "repeats")})
-        m["strict_facts"] = len(sample)
-    out["seconds"]["generation"] = round(time.perf_counter() - t0, 3)
-    return out
+        return
+    facts = [Fact(**{**x["fact"], "locality": []}) for x in sample]   # locality: measured above
+    result = evaluate_facts(model, tokenizer, facts, attach=candidate.attach,
+                            strict_tokens=probe.strict_tokens)
+    means = result["means"]
+    for key in ("gen_success", "gen_success_rephrase", "chat_success", "chat_success_rephrase"):
+        m[key] = means.get(key)
+    m["repetition"], m["repetition_base"] = means.get("repeats"), means.get("repeats_base")
+    m["repetition_excess"] = m["repetition"] - m["repetition_base"] if m["repetition"] is not None else None
+    if not metrics.has_chat_template(tokenizer):
+        notes["chat_success"] = "the tokenizer has no chat template"
+    for row in result["per_fact"]:
+        out["per_fact"].setdefault(row["fact_id"], {}).update(
+            {k: row.get(k) for k in ("gen_success", "chat_success", "repeats")})
+    m["strict_facts"] = len(sample)
 
 
 def changes_text(changed: list[dict], limit: int = 3) -> str:

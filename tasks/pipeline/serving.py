@@ -3,7 +3,9 @@
 The logged model holds the adapter set as an artifact and names the base model in its
 ``model_config`` (or bundles its directory, ``bundle_model=True``). It is logged as
 "models from code" (``serving_entry.py``), so loading it unpickles nothing; the adapter
-set's checksum and base-model fingerprint are checked when the server loads it.
+set's checksum and base-model fingerprint are checked when the server loads it. MLflow
+copies the entry file into every version: those logged before the move to
+``tasks/pipeline/`` import ``tasks.serving``, kept as a shim for them.
 """
 from __future__ import annotations
 
@@ -23,13 +25,17 @@ class AdapterSetModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from editing import AdapterSet, load_model
+        from editing.config import ModelConfig
 
         config = context.model_config or {}
         # The adapter set first: a corrupted file is refused before the model loads.
         self.adapter_set = AdapterSet.load(context.artifacts["adapter_set"])
         name = context.artifacts.get("base_model") or config.get("base_model") or self.adapter_set.base_model
-        self.model, self.tokenizer = load_model(name, dtype=config.get("dtype", "float32"))
-        self.handle = self.adapter_set.attach(self.model)     # refuses another base model
+        model_config = ModelConfig(str(name), config.get("dtype", ModelConfig.dtype))
+        self.model, self.tokenizer = load_model(model_config)
+        # Attached for the server's life (not ``with``): every predict call uses the edited
+        # model; attach refuses another base model.
+        self.handle = self.adapter_set.attach(self.model)
         self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.lock = threading.Lock()                          # the hooks keep per-call gate state
 
@@ -82,10 +88,10 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors", "pandas")]
 
 
-def log_pyfunc_model(adapter_dir: str | Path, model_name_or_dir: str | Path, artifact_path: str = "pyfunc",
-                     registered_model_name: str | None = None, *, dtype: str = "float32",
+def log_pyfunc_model(adapter_dir: str | Path, model_name_or_dir: str | Path, *, dtype: str = "float32",
                      max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, bundle_model: bool = False):
-    """Log the edited model in the active MLflow run; returns MLflow's ``ModelInfo``.
+    """Log the edited model as ``pyfunc`` in the active MLflow run; returns MLflow's ``ModelInfo``.
+    The registry version is made by the caller (``tracking.register_candidate``).
 
     With ``bundle_model`` a base-model directory is copied into the artifact, so the
     model serves on hosts without it; otherwise the name or path is recorded.
@@ -94,7 +100,6 @@ def log_pyfunc_model(adapter_dir: str | Path, model_name_or_dir: str | Path, art
     if bundle_model:
         artifacts["base_model"] = str(model_name_or_dir)
     return mlflow.pyfunc.log_model(
-        name=artifact_path, python_model=str(ENTRY), artifacts=artifacts,
+        name="pyfunc", python_model=str(ENTRY), artifacts=artifacts,
         model_config={"base_model": str(model_name_or_dir), "dtype": dtype, "max_new_tokens": max_new_tokens},
-        signature=signature(), pip_requirements=pip_requirements(),
-        registered_model_name=registered_model_name)
+        signature=signature(), pip_requirements=pip_requirements())

@@ -3,11 +3,12 @@
 Each shard becomes its own block, trained on top of the same production set; the
 blocks then compose into one set: the production set less what the shards superseded
 or retracted, then one block per shard, in shard order. Workers load the base model
-themselves (by name or path, which every host must resolve). Adapter sets travel as
-their files' bytes (a few MB), so hosts need no shared disk and nothing live crosses
-the wire: each worker gets the production set's files, and sends back the files of a
-set holding its new block and the fact ids it removed from the production set. Both
-are read through ``AdapterSet.load``, which verifies the checksum.
+themselves (``settings.model``: a name or path, which every host must resolve). Adapter
+sets travel as their files' bytes (a few MB), so hosts need no shared disk and nothing
+live crosses the wire: each worker gets the production set's files and the model and
+edit settings (frozen dataclasses), and sends back the files of a set holding its new
+block and the fact ids it removed from the production set. Both are read through
+``AdapterSet.load``, which verifies the checksum.
 
 ``split_into_shards`` and ``train_shard`` are plain functions; ``sharded_training_flow``
 is the Prefect flow (a ``RayTaskRunner`` per call) that ``train_shards`` runs. Ray joins
@@ -22,7 +23,9 @@ import torch
 
 from editing import AdapterError, AdapterSet, Fact, edit, load_model
 from editing.baft import same_centre
+from editing.config import EditConfig, ModelConfig
 from editing.facts import normalise
+from tasks.settings import Settings
 
 
 def split_into_shards(facts: list[Fact], n: int) -> list[list[Fact]]:
@@ -74,21 +77,23 @@ def load_files(files: dict[str, bytes]) -> AdapterSet:
         return AdapterSet.load(tmp)
 
 
-def train_shard(facts: list[Fact], params: dict, base: str | Path | dict | None, model_name: str | None,
-                training_run: str | None = None, data_version: str | None = None,
-                shard: str | None = None) -> dict:
+def train_shard(facts: list[Fact], model_config: ModelConfig, config: EditConfig,
+                base: str | Path | dict | None, training_run: str | None = None,
+                data_version: str | None = None, shard: str | None = None) -> dict:
     """Apply ``facts`` (upserts and retracts) on top of ``base``: the production set's
     directory or its ``read_files``, or None.
 
-    ``params`` is the whole params.yaml. Returns plain data that any worker can send back:
+    The base model is ``model_config`` (``settings.model``), trained as ``config``
+    (``settings.edit``): frozen dataclasses, pickled to the workers like the facts.
+    Returns plain data that any worker can send back:
     ``files`` ({name: bytes}, an adapter set holding only the new block, or no block
     when the shard held only retracts), ``removed`` (the base set's fact ids that this
     shard superseded or retracted) and ``changes`` (``AdapterSet.changes`` of the edit).
     """
-    model, tokenizer = load_model(model_name or params["model"]["name"], dtype=params["model"]["dtype"])
+    model, tokenizer = load_model(model_config)
     if base is not None:
         base = load_files(base) if isinstance(base, dict) else AdapterSet.load(base)
-    trained = edit(model, tokenizer, facts, params["edit"], base=base, progress=False,
+    trained = edit(model, tokenizer, facts, config, base=base, progress=False,
                    training_run=training_run, data_version=data_version)
     new_id = trained.changes.get("block_id")
     new = [b for b in trained.blocks if b.block_id == new_id]
@@ -168,7 +173,7 @@ def _shard_task():
     return task(train_shard, name="train-shard", retries=1, retry_delay_seconds=10)
 
 
-def _flow(facts, params, base_dir, model_name, n_shards, training_run=None, data_version=None):
+def _flow(facts, settings, base_dir, n_shards, training_run=None, data_version=None):
     from prefect_ray.context import remote_options
 
     shards = split_into_shards(facts, n_shards)
@@ -176,7 +181,8 @@ def _flow(facts, params, base_dir, model_name, n_shards, training_run=None, data
     base = load_files(base_files) if base_files else None       # refuses a corrupted set here
     with remote_options(**_resources(len(shards))):
         futures = [_shard_task().with_options(name=f"train-shard-{i + 1}-of-{len(shards)}").submit(
-            s, params, base_files, model_name, training_run, data_version, f"{i + 1}/{len(shards)}")
+            s, settings.model, settings.edit, base_files, training_run, data_version,
+            f"{i + 1}/{len(shards)}")
             for i, s in enumerate(shards)]
     # Results in submission order, whatever order the workers finish in.
     results = [f.result() for f in futures]
@@ -192,7 +198,7 @@ def sharded_training_flow(ray_address: str | None = None, ray_init_kwargs: dict 
     return flow(_flow, name="sharded-training", task_runner=runner, validate_parameters=False)
 
 
-def train_shards(facts: list[Fact], params: dict, base_dir: str | Path | None, model_name: str | None,
+def train_shards(facts: list[Fact], settings: Settings, base_dir: str | Path | None,
                  n_shards: int, training_run: str | None = None, data_version: str | None = None, *,
                  ray_address: str | None = None, ray_init_kwargs: dict | None = None) -> AdapterSet:
     """Train ``facts`` as up to ``n_shards`` blocks in parallel on top of ``base_dir``.
@@ -203,4 +209,4 @@ def train_shards(facts: list[Fact], params: dict, base_dir: str | Path | None, m
     """
     base = str(base_dir) if base_dir else None
     return sharded_training_flow(ray_address, ray_init_kwargs)(
-        list(facts), params, base, model_name, n_shards, training_run, data_version)
+        list(facts), settings, base, n_shards, training_run, data_version)

@@ -13,7 +13,7 @@ Layout under ``LEDIT_HOME``::
 Versions are ``v1``, ``v2``... in the order candidates were trained (rejected ones included),
 allocated under the pipeline lock. Publishing is idempotent: redoing it after a crash finds
 the set already there. Production is named twice, by the pointer here and by the MLflow
-alias ``production``; ``tasks.pipeline.core`` switches both under a promotion record.
+alias ``production``; ``tasks.pipeline.promote`` switches both under a promotion record.
 """
 from __future__ import annotations
 
@@ -157,19 +157,6 @@ def _log_switch(home: Home, entry: dict) -> None:
         os.fsync(f.fileno())
 
 
-def production_history(home: Home) -> list[dict]:
-    path = home.state / "production-history.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:     # a torn last line after a crash
-            continue
-    return out
-
-
 def load_published(home: Home, version: str):
     """The published adapter set of ``version``; a corrupted file is refused (AdapterError)."""
     from editing.adapters import AdapterSet
@@ -192,7 +179,7 @@ def load_production(home: Home):
 # -- publishing -----------------------------------------------------------------------
 def publish_set(home: Home, version: str, source_dir: str | Path) -> Path:
     """Copy a candidate to ``published/<version>`` (verifying its checksum on the way).
-    Idempotent. Production is not switched here: ``tasks.pipeline.core`` does that, journaled."""
+    Idempotent. Production is not switched here: ``tasks.pipeline.promote`` does that, journaled."""
     from editing.adapters import AdapterError, AdapterSet
 
     version = normalise_version(version)
@@ -224,7 +211,7 @@ def begin_promotion(home: Home, entry: dict) -> dict:
     """Record a switch of production before any store is touched; returns the record in
     flight. Redone for the same switch (a retry), the first record stands: its ``previous``
     is what production was. A different switch in flight is refused: it must be settled
-    first (``tasks.pipeline.core.recover``). Caller holds the pipeline lock."""
+    first (``tasks.pipeline.recovery.recover``). Caller holds the pipeline lock."""
     current = read_promotion(home)
     if current is not None:
         if (current["kind"], current["version"]) == (entry["kind"], entry["version"]):

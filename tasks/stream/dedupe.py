@@ -6,8 +6,8 @@ Each staged record gets exactly one status:
 - ``duplicate``: an exact copy (same normalised content) of the record kept for its fact;
 - ``superseded``: an older version of a fact that this run also has a later version of;
 - ``stale``: older than the version of the fact an earlier batch already accepted;
-- ``already_applied``: the same edit (op and normalised target) as one the model already
-  carries (``mark_applied``), with no different version pending;
+- ``already_applied``: the same update key (op and normalised target) as an edit the model
+  already carries (``mark_applied``), with no different version pending;
 - ``already_ingested``: identical (normalised content, apart from source and observed_at)
   to the version an earlier batch accepted, unless the model was moved off that version
   after it arrived (a rollback or a retraction recorded by ``mark_applied``).
@@ -40,7 +40,7 @@ class DedupeResult:
         return sum(self.counts.values())
 
 
-KEY_COLUMNS = ["fact_id", "record_hash", "_edit_key", "_order_ts", "_seq", "source_record"]
+KEY_COLUMNS = ["fact_id", "record_hash", "_update_key", "_order_ts", "_seq", "source_record"]
 ROW_ID = ["_seq", "source_record"]     # unique per staged record: file order, record number
 
 
@@ -48,13 +48,13 @@ def classify(keys: pl.LazyFrame, facts: pl.LazyFrame, applied: pl.LazyFrame) -> 
     """``dedupe_status`` for every staged record (see the module doc), from its keys only:
     returns ``_seq``, ``source_record`` and ``dedupe_status``."""
     seen = facts.select("fact_id", pl.col("record_hash").alias("_l_hash"),
-                        pl.col("edit_key").alias("_l_edit"), pl.col("order_ts").alias("_l_ts"),
+                        pl.col("update_key").alias("_l_update"), pl.col("order_ts").alias("_l_ts"),
                         pl.col("ingested_at").alias("_l_in"))
-    done = applied.select("fact_id", pl.col("edit_key").alias("_a_edit"),
+    done = applied.select("fact_id", pl.col("update_key").alias("_a_update"),
                           pl.col("applied_at").alias("_a_at"))
     # the model was moved off the ingested version after it arrived (a rollback or a
     # retraction applied by hand): sending that version again is a real update
-    moved_off = (pl.col("_a_edit").is_not_null() & (pl.col("_a_edit") != pl.col("_l_edit"))
+    moved_off = (pl.col("_a_update").is_not_null() & (pl.col("_a_update") != pl.col("_l_update"))
                  & (pl.col("_a_at") > pl.col("_l_in")))
     lf = (keys.select(KEY_COLUMNS)
           .sort(["fact_id", "_order_ts", "_seq", "source_record"])
@@ -67,8 +67,9 @@ def classify(keys: pl.LazyFrame, facts: pl.LazyFrame, applied: pl.LazyFrame) -> 
               .when(~pl.col("_last")).then(pl.lit("superseded"))
               .when(pl.col("_l_ts").is_not_null() & (pl.col("_order_ts") < pl.col("_l_ts")))
               .then(pl.lit("stale"))
-              .when((pl.col("_edit_key") == pl.col("_a_edit"))
-                    & (pl.col("_l_edit").is_null() | (pl.col("_l_edit") == pl.col("_a_edit"))))
+              .when((pl.col("_update_key") == pl.col("_a_update"))
+                    & (pl.col("_l_update").is_null()
+                       | (pl.col("_l_update") == pl.col("_a_update"))))
               .then(pl.lit("already_applied"))
               .when((pl.col("record_hash") == pl.col("_l_hash")) & ~moved_off.fill_null(False))
               .then(pl.lit("already_ingested"))

@@ -3,7 +3,7 @@
 - ``files.jsonl``: one line per file ever taken in (its sha256, name, archive path, run and
   batch), so the same content is never ingested twice. Append-only.
 - ``facts.parquet``: the latest accepted version of every fact (fact_id, record_hash,
-  edit key, order timestamp, op, batch): later updates are deduplicated against it.
+  update key, order timestamp, op, batch): later updates are deduplicated against it.
 - ``applied.parquet``: the edits the training pipeline has applied (``mark_applied``), so an
   update identical to an applied edit is skipped.
 
@@ -22,15 +22,17 @@ from typing import Any, Iterable
 import polars as pl
 
 from editing.facts import Fact, normalise
+from tasks.stream.columns import SEP
 from tasks.stream.workspace import Home
 
-SEP = "\x1f"
-FACTS_SCHEMA = {"fact_id": pl.String, "record_hash": pl.String, "edit_key": pl.String,
+FACTS_SCHEMA = {"fact_id": pl.String, "record_hash": pl.String, "update_key": pl.String,
                 "order_ts": pl.Datetime("us", "UTC"), "op": pl.String, "batch": pl.String,
                 "ingested_at": pl.Datetime("us", "UTC")}
-APPLIED_SCHEMA = {"fact_id": pl.String, "edit_key": pl.String, "op": pl.String,
+APPLIED_SCHEMA = {"fact_id": pl.String, "update_key": pl.String, "op": pl.String,
                   "target_new": pl.String, "applied_at": pl.Datetime("us", "UTC"),
                   "run": pl.String, "adapter": pl.String}
+#: the update key's column as ledgers and staged runs written before its rename call it
+_OLD_NAMES = {"edit_key": "update_key", "_edit_key": "_update_key"}
 
 
 def files_path(home: Home) -> Path:
@@ -92,14 +94,20 @@ def _empty(schema: dict) -> pl.LazyFrame:
     return pl.LazyFrame(schema=schema)
 
 
+def _scan(path: Path) -> pl.LazyFrame:
+    lf = pl.scan_parquet(path)
+    old = {k: v for k, v in _OLD_NAMES.items() if k in lf.collect_schema()}
+    return lf.rename(old) if old else lf
+
+
 def scan_facts(home: Home) -> pl.LazyFrame:
     p = facts_path(home)
-    return pl.scan_parquet(p) if p.exists() else _empty(FACTS_SCHEMA)
+    return _scan(p) if p.exists() else _empty(FACTS_SCHEMA)
 
 
 def scan_applied(home: Home) -> pl.LazyFrame:
     p = applied_path(home)
-    return pl.scan_parquet(p) if p.exists() else _empty(APPLIED_SCHEMA)
+    return _scan(p) if p.exists() else _empty(APPLIED_SCHEMA)
 
 
 def _write_atomic(lf: pl.LazyFrame, path: Path) -> None:
@@ -114,8 +122,8 @@ def _write_atomic(lf: pl.LazyFrame, path: Path) -> None:
 def record_facts(home: Home, accepted: Path, batch: str) -> None:
     """Merge a batch's accepted facts into the facts ledger: the latest version per fact
     wins (ties: the batch being recorded). Re-recording the same batch changes nothing."""
-    new = pl.scan_parquet(accepted).select(
-        "fact_id", "record_hash", pl.col("_edit_key").alias("edit_key"),
+    new = _scan(accepted).select(
+        "fact_id", "record_hash", pl.col("_update_key").alias("update_key"),
         pl.col("_order_ts").alias("order_ts"), "op", pl.lit(batch, pl.String).alias("batch"),
         pl.col("received_at").alias("ingested_at"))
     merged = (pl.concat([scan_facts(home).select(list(FACTS_SCHEMA)), new], how="vertical")
@@ -134,12 +142,13 @@ class AppliedEdit:
     op: str = "upsert"
 
     @property
-    def edit_key(self) -> str:
-        return edit_key(self.op, self.target_new)
+    def update_key(self) -> str:
+        return update_key(self.op, self.target_new)
 
 
-def edit_key(op: str, target_new: str | None) -> str:
-    """What an edit makes the model say; equal keys mean identical edits."""
+def update_key(op: str, target_new: str | None) -> str:
+    """What an update makes the model say (its op and normalised answer, whatever the
+    fact); equal keys mean identical edits. Not the "same fact" key (``Fact.key``)."""
     return f"{op}{SEP}{normalise(target_new) if target_new else ''}"
 
 
@@ -159,8 +168,7 @@ def _as_applied(item: Any) -> AppliedEdit:
 
 
 def mark_applied(home: str | os.PathLike | Home | None, facts: Iterable[Any], *,
-                 run: str | None = None, adapter: str | None = None,
-                 lock_timeout: float = -1) -> int:
+                 run: str | None = None, adapter: str | None = None) -> int:
     """Record edits as applied to the production model; returns how many were recorded.
 
     Called by the training pipeline once an adapter set carrying the edits is promoted.
@@ -175,11 +183,11 @@ def mark_applied(home: str | os.PathLike | Home | None, facts: Iterable[Any], *,
         return 0
     now = datetime.now(timezone.utc)
     new = pl.LazyFrame({
-        "fact_id": [e.fact_id for e in edits], "edit_key": [e.edit_key for e in edits],
+        "fact_id": [e.fact_id for e in edits], "update_key": [e.update_key for e in edits],
         "op": [e.op for e in edits], "target_new": [e.target_new for e in edits],
         "applied_at": [now] * len(edits), "run": [run] * len(edits),
         "adapter": [adapter] * len(edits)}, schema=APPLIED_SCHEMA)
-    with h.lock(lock_timeout):
+    with h.lock():
         h.ledger.mkdir(parents=True, exist_ok=True)
         merged = (pl.concat([scan_applied(h).select(list(APPLIED_SCHEMA)), new])
                   .unique("fact_id", keep="last", maintain_order=True))

@@ -96,13 +96,13 @@ def load_version(home: str | os.PathLike | Home | None = None, tag: str | None =
 
 def prepare_facts(home: str | os.PathLike | Home | None = None, tag: str | None = "latest",
                   out: str | os.PathLike = "build/facts.jsonl", *, scope: str = "batch",
-                  include_retracts: bool = False, lock_timeout: float = -1) -> dict:
+                  include_retracts: bool = False) -> dict:
     """Write the facts of a data version as JSONL (the ``editing.facts`` schema plus
     ``batch`` and ``record_hash`` for provenance); returns a summary."""
     from editing.facts import fact_from_record
 
     h = home if isinstance(home, Home) else Home.at(home)
-    with h.lock(lock_timeout):      # DVC must not read while an ingest runs dvc add/push
+    with h.lock():      # DVC must not read while an ingest runs dvc add/push
         tag, df = load_version(h, tag, scope)
     retracts = int((df["op"] == "retract").sum()) if df.height else 0
     if not include_retracts and df.height:

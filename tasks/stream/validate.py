@@ -4,41 +4,28 @@ The rules are those of ``editing.facts.fact_from_record``, checked in the same o
 record is rejected for the same first problem (a test holds the two to agreement), plus one
 more: ``observed_at`` must be an ISO 8601 timestamp, since "the latest wins" needs an order.
 
-Python touches each record only to pull its fields out of the parsed JSON and to check the
-nested list fields; every string check (missing, type, empty or whitespace-only, over-long,
-control or bidirectional characters, fact_id charset, no-op target, subject in the prompt)
-and the key normalisation run as polars expressions over a whole chunk. Reasons that name
-a detail of the value (which character, where; which subject) are worded in Python by
-``editing.facts`` for the flagged rows only, so both paths say the same thing. The list
-fields (rephrasings, locality and portability pairs) go through ``editing.facts``' own
-functions wherever polars sees an item that is not plainly good: one rule, one place.
-Non-ASCII strings are normalised by ``editing.facts.normalise`` itself, so keys are exact.
+``tasks.stream.columns`` pulls the fields out of the parsed records; every string check
+(missing, type, empty or whitespace-only, over-long, control or bidirectional characters,
+fact_id charset, no-op target, subject in the prompt) and the key normalisation run here
+as polars expressions over a whole chunk. Reasons that name a detail of the value (which
+character, where; which subject) are worded in Python by ``editing.facts`` for the flagged
+rows only, so both paths say the same thing. Non-ASCII strings are normalised by
+``editing.facts.normalise`` itself, so keys are exact.
 """
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import polars as pl
 
 from editing.facts import (CONTROL_CHARS, DEFAULT_KIND, EMPTY, FACT_ID_PATTERN, FACT_ID_REASON,
-                           FORMATS, KIND_PATTERN, LONG, MAX_STRING, MISSING, NOOP, OPS,
-                           OPTIONAL_STR, REQUIRED, FactError, PairSkipped, control_char_reason,
-                           detect_format, evaluation_pairs, normalise, rephrase_list,
-                           subject_reason, warn_skipped)
-from tasks.stream.sources import RawChunk
+                           LONG, MAX_STRING, MISSING, NOOP, OPTIONAL_STR, REQUIRED, PairSkipped,
+                           control_char_reason, normalise, subject_reason, warn_skipped)
+from tasks.stream.chunks import RawChunk
+from tasks.stream.columns import PAIR, SEP, STR_FIELDS, WS_ONLY, frame_from_chunk
 
-STR_FIELDS = REQUIRED + OPTIONAL_STR
-# A locality or portability pair as ``editing.facts.evaluation_pairs`` leaves it: ``answer``
-# is the alias teacher forcing scores, ``aliases`` (null unless the answer came as a list)
-# every alias, ``kind`` KnowEdit's group or the format's default. Batches written before
-# kinds have only prompt and answer; polars reads them with the two new fields null.
-PAIR = pl.Struct({"prompt": pl.String, "answer": pl.String, "kind": pl.String,
-                  "aliases": pl.List(pl.List(pl.String))})
-SEP = "\x1f"
-_OPSET = frozenset(OPS)
-_WS_ONLY = r"^[\s\x1c-\x1f]*$"      # Python's str.isspace() set, checked equal in tests
 _WS_RUN = r"[\s\x1c-\x1f]+"
 TS_PATTERN = (r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
               r"\s*(Z|z|[+-]\d{2}:?\d{2})?$")
@@ -56,176 +43,13 @@ BATCH_SCHEMA = {
     "run_id": pl.String,
 }
 #: Extra columns staged for deduplication (not written to the batch).
-DEDUPE_COLUMNS = {"_seq": pl.Int64, "_order_ts": pl.Datetime("us", "UTC"), "_edit_key": pl.String}
+DEDUPE_COLUMNS = {"_seq": pl.Int64, "_order_ts": pl.Datetime("us", "UTC"),
+                  "_update_key": pl.String}
 QUARANTINE_SCHEMA = {
     "file": pl.String, "sha256": pl.String, "archived": pl.String, "line": pl.Int64,
     "record": pl.Int64, "field": pl.String, "reason": pl.String, "raw": pl.String,
     "run_id": pl.String,
 }
-
-
-# -- Python side: pull fields out of parsed records --------------------------
-def _arrow_types():
-    import pyarrow as pa
-
-    pair = pa.struct([("prompt", pa.string()), ("answer", pa.string()), ("kind", pa.string()),
-                      ("aliases", pa.list_(pa.list_(pa.string())))])
-    return pa.list_(pa.string()), pa.list_(pair)
-
-
-def _fast_list(values: list, arrow_type) -> pl.Series | None:
-    """The column through pyarrow's C++ converter, or None if some row has a wrong type."""
-    import pyarrow as pa
-
-    try:
-        return pl.from_arrow(pa.array(values, type=arrow_type))
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        return None
-
-
-def _blank(e: pl.Expr) -> pl.Expr:
-    return e.is_null() | e.str.contains(_WS_ONLY)
-
-
-def _rephrase_row(v) -> tuple[list | None, str | None, list]:
-    """``editing.facts.rephrase_list`` on one row: (kept, error, skips)."""
-    try:
-        kept, skips = rephrase_list(v)
-    except FactError as exc:
-        return None, f"{exc.field}{SEP}{exc.reason}", []
-    return kept, None, skips
-
-
-def _pairs_row(name: str, v) -> tuple[list | None, str | None, list]:
-    """``editing.facts.evaluation_pairs`` on one row: (canonical pairs, error, skips)."""
-    try:
-        pairs, skips = evaluation_pairs(v, name)
-    except FactError as exc:
-        return None, f"{exc.field}{SEP}{exc.reason}", []
-    return pairs, None, skips
-
-
-def _checked_column(vals: list, arrow_type, exact, flag, fast: bool, skips: dict | None
-                    ) -> tuple[pl.Series, list[str | None]]:
-    """A list column, and the error of each bad row. The rules are ``editing.facts``' own
-    (``exact(row) -> (kept, error, skips)``); polars only picks the rows they need to see.
-    Fast path: pyarrow converts the whole column and ``flag`` marks rows with an item that
-    is not plainly good; only those (or, if a type is wrong somewhere, every row) go through
-    ``exact``, and the column is rebuilt from what it keeps. ``skips``, if given, gets
-    ``{row: [(field, reason), ...]}`` for the rows with items left out."""
-    import pyarrow as pa
-
-    col = _fast_list(vals, arrow_type) if fast else None
-    rows = range(len(vals)) if col is None else flag(col).arg_true().to_list()
-    errs: list[str | None] = [None] * len(vals)
-    if len(rows):
-        vals = list(vals)
-        for i in rows:
-            vals[i], errs[i], row_skips = exact(vals[i])
-            if row_skips and skips is not None:
-                skips.setdefault(i, []).extend(row_skips)
-        col = pl.from_arrow(pa.array(vals, type=arrow_type))
-    return col, errs
-
-
-def rephrase_column(values: list, *, fast: bool = True, skips: dict | None = None
-                    ) -> tuple[pl.Series, list[str | None]]:
-    """``rephrase_prompts`` as a List(String) column, and the error of each bad row (a bad
-    row is null); rule 4 as ``editing.facts.rephrase_list`` words it."""
-    vals = [([v] if v.__class__ is str else v) if v else [] for v in values]
-
-    def flag(col: pl.Series) -> pl.Series:
-        el = pl.element()
-        return col.to_frame("r").select(
-            pl.col("r").list.eval(_blank(el) | el.str.contains(CONTROL_CHARS))
-            .list.any().fill_null(False))["r"]
-
-    return _checked_column(vals, _arrow_types()[0], _rephrase_row, flag, fast, skips)
-
-
-def pairs_column(name: str, values: list, *, fast: bool = True, skips: dict | None = None
-                 ) -> tuple[pl.Series, list[str | None]]:
-    """``locality`` / ``portability`` as List(PAIR), and row errors (a bad row is null);
-    rule 7 as ``editing.facts.evaluation_pairs`` words it, pairs without a kind given
-    ``DEFAULT_KIND`` as it does."""
-    vals = [v if v else [] for v in values]
-
-    def flag(col: pl.Series) -> pl.Series:
-        el = pl.element()
-        kind = el.struct.field("kind")
-        bad_item = (el.is_null() | el.struct.field("aliases").is_not_null()
-                    | (kind.is_not_null() & ~kind.str.contains(f"^(?:{KIND_PATTERN})$")))
-        for part in (el.struct.field("prompt"), el.struct.field("answer")):
-            bad_item = (bad_item | _blank(part) | (part.str.len_chars() > MAX_STRING)
-                        | part.str.contains(CONTROL_CHARS))
-        return col.to_frame("r").select(
-            pl.col("r").list.eval(bad_item).list.any().fill_null(False))["r"]
-
-    col, errs = _checked_column(vals, _arrow_types()[1], lambda v: _pairs_row(name, v), flag,
-                                fast, skips)
-    col = col.to_frame("r").select(pl.col("r").list.eval(pl.element().struct.with_fields(
-        pl.field("kind").fill_null(DEFAULT_KIND))))["r"]
-    return col, errs
-
-
-def frame_from_chunk(chunk: RawChunk, fmt: str | None = None) -> pl.DataFrame:
-    """The chunk as a polars frame: string fields, their JSON type names where they are not
-    strings, checked list fields, and the record-level parse errors."""
-    perrs = list(chunk.perrs)
-    mapped: list[dict] = []
-    formats: list[str | None] = []
-    for i, obj in enumerate(chunk.objs):
-        if perrs[i] is not None:
-            mapped.append({})
-            formats.append(None)
-            continue
-        kind = fmt or detect_format(obj)
-        formats.append(kind)
-        if kind in FORMATS:
-            try:
-                obj = FORMATS[kind](obj)
-            except Exception as exc:  # a record the mapping cannot read
-                perrs[i] = f"cannot read as a {kind} record: {exc!r}"
-                obj = {}
-        mapped.append(obj)
-
-    cols: dict[str, Any] = {
-        "_line": pl.Series(chunk.lines, dtype=pl.Int64),
-        "_record": pl.Series(chunk.records, dtype=pl.Int64),
-        "_raw": pl.Series(chunk.raws, dtype=pl.String),
-        "_perr": pl.Series(perrs, dtype=pl.String),
-        "source_format": pl.Series(formats, dtype=pl.String),
-    }
-    for name in STR_FIELDS:
-        vals = [o.get(name) for o in mapped]
-        cols[name] = pl.Series([v if v.__class__ is str else None for v in vals], dtype=pl.String)
-        cols[name + "__t"] = pl.Series(
-            [None if v is None or v.__class__ is str else type(v).__name__ for v in vals],
-            dtype=pl.String)
-    ops = [o.get("op", "upsert") for o in mapped]
-    ok_op = [v.__class__ is str and v in _OPSET for v in ops]
-    cols["op"] = pl.Series([v if ok else None for v, ok in zip(ops, ok_op)], dtype=pl.String)
-    cols["op__e"] = pl.Series(
-        [None if ok else f"op{SEP}unknown op {v!r}; expected one of {OPS}"
-         for v, ok in zip(ops, ok_op)], dtype=pl.String)
-    cols["_fid_truthy"] = pl.Series([bool(o.get("fact_id")) for o in mapped], dtype=pl.Boolean)
-    skips: dict[int, list] = {}       # row -> items left out, in fact_from_record's order
-    col, errs = rephrase_column([o.get("rephrase_prompts") for o in mapped],
-                                fast=chunk.json_types, skips=skips)
-    cols["rephrase_prompts"] = col.cast(pl.List(pl.String))
-    cols["rephrase_prompts__e"] = pl.Series(errs, dtype=pl.String)
-    for name in ("locality", "portability"):
-        col, errs = pairs_column(name, [o.get(name) for o in mapped], fast=chunk.json_types,
-                                 skips=skips)
-        cols[name] = col.cast(pl.List(PAIR))
-        cols[name + "__e"] = pl.Series(errs, dtype=pl.String)
-    # the optional items left out, "field<SEP>reason" joined by RS (null for most rows):
-    # warned in validate_chunk for accepted records only
-    left_out = [None] * len(mapped)
-    for i, items in skips.items():
-        left_out[i] = "\x1e".join(f"{f}{SEP}{r}" for f, r in items)
-    cols["_skipped"] = pl.Series(left_out, dtype=pl.String)
-    return pl.DataFrame(cols)
 
 
 # -- polars side: the checks --------------------------------------------------
@@ -247,7 +71,7 @@ def _string_checks(name: str, required: bool) -> list[pl.Expr]:
     if required:
         checks.append(pl.when((pl.col("op") == "upsert") & col.is_null() & typ.is_null())
                       .then(pl.lit(f"{name}{SEP}{MISSING}")))
-    checks.append(pl.when(col.str.contains(_WS_ONLY))
+    checks.append(pl.when(col.str.contains(WS_ONLY))
                   .then(pl.lit(f"{name}{SEP}{EMPTY}")))
     checks.append(pl.when(col.str.len_chars() > MAX_STRING)
                   .then(pl.lit(f"{name}{SEP}{LONG}")))
@@ -350,7 +174,7 @@ def _pairs_text(name: str) -> pl.Expr:
 def keys_for_good(df: pl.DataFrame) -> pl.DataFrame:
     """Normalised keys of good records: ``fact_id`` (given, else ``editing.facts.fact_key``
     computed the same way), ``record_hash`` (content apart from source and observed_at) and
-    ``_edit_key`` (what an applied edit makes the model say)."""
+    ``_update_key`` (what an applied edit makes the model say)."""
     subj_n = df["_subj_n"].fill_null("")          # from check_frame
     prompt_n = df["_prompt_n"].fill_null("")
     rel_n = normalise_series(df["relation"])
@@ -374,17 +198,17 @@ def keys_for_good(df: pl.DataFrame) -> pl.DataFrame:
         pl.Series("record_hash", _blake(text), dtype=pl.String),
         pl.concat_str([pl.col("op"), pl.when(pl.col("op") == "upsert")
                        .then(pl.col("_tn_n")).otherwise(pl.lit("")).fill_null("")],
-                      separator=SEP).alias("_edit_key"))
+                      separator=SEP).alias("_update_key"))
 
 
 def validate_chunk(chunk: RawChunk, *, file: str, sha256: str, archived: str, seq: int,
-                   run_id: str, received_at: datetime, fmt: str | None = None,
+                   run_id: str, received_at: datetime,
                    skipped_pairs: list | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(good, bad)``: good rows in batch + dedupe columns; bad rows in the quarantine schema.
 
     Optional evaluation items left out of good rows are warned (``PairSkipped``, naming the
     file, the record and the field) and appended to ``skipped_pairs``, if given."""
-    df = check_frame(frame_from_chunk(chunk, fmt))
+    df = check_frame(frame_from_chunk(chunk))
     bad_mask = df["_reason"].is_not_null()
     left_out = df.filter(~bad_mask & df["_skipped"].is_not_null())
     for rec, items in zip(left_out["_record"].to_list(), left_out["_skipped"].to_list()):
@@ -408,23 +232,20 @@ def validate_chunk(chunk: RawChunk, *, file: str, sha256: str, archived: str, se
         pl.lit(seq, pl.Int64).alias("_seq"),
         pl.coalesce(pl.col("observed_ts"), received).alias("_order_ts"),
         *([] if good.height else [pl.lit(None, pl.String).alias(c)
-                                  for c in ("record_hash", "_edit_key")]),
+                                  for c in ("record_hash", "_update_key")]),
     )
     schema = {**BATCH_SCHEMA, **DEDUPE_COLUMNS}
     good = good.select([pl.col(c).cast(t) for c, t in schema.items()])
     return good, bad
 
 
-def validate_records(records: list[Any], *, file: str = "<records>", fmt: str | None = None,
+def validate_records(records: list[Any], *, file: str = "<records>",
                      skipped_pairs: list | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Validate in-memory records (dicts or anything else): ``(good, bad)`` frames."""
-    from datetime import timezone
-
     chunk = RawChunk()
     for i, rec in enumerate(records):
         perr = None if rec.__class__ is dict else \
             f"expected a JSON object, got {type(rec).__name__}"
         chunk.add(rec, None, i + 1, repr(rec)[:2000], perr)
     return validate_chunk(chunk, file=file, sha256="", archived="", seq=0, run_id="",
-                          received_at=datetime.now(timezone.utc), fmt=fmt,
-                          skipped_pairs=skipped_pairs)
+                          received_at=datetime.now(timezone.utc), skipped_pairs=skipped_pairs)

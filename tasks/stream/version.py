@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from editing.offline import OFFLINE_ENV
+
 _DVC_LOCK = threading.Lock()
 GIT_USER = ("ledit", "ledit@localhost")
 
@@ -22,15 +24,15 @@ class VersionError(RuntimeError):
     """A git or DVC command failed; the message carries its output."""
 
 
-def quiet_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.update({"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "true", "GIT_TERMINAL_PROMPT": "0"})
-    env.update(extra or {})
-    return env
+def quiet_env() -> dict:
+    """The environment of a git or DVC command: offline and untracked, never prompting."""
+    return {**os.environ, **OFFLINE_ENV, "GIT_TERMINAL_PROMPT": "0"}
 
 
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "true")
+# dvc.api also runs in this process (``tasks.stream.prepare``): no analytics from it either,
+# unless the user set these
+for _name in ("DVC_NO_ANALYTICS", "DO_NOT_TRACK"):
+    os.environ.setdefault(_name, OFFLINE_ENV[_name])
 
 
 def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -178,9 +180,9 @@ def commit_and_tag(repo: Path, paths: list[str], *, tag: str, message: str, mark
     return git(repo, "rev-parse", "HEAD").stdout.strip()
 
 
-def unique_tag(repo: Path, base: str, taken: set[str] | None = None) -> str:
+def unique_tag(repo: Path, base: str) -> str:
     """``base``, or ``base-2``, ``base-3``... whichever no tag has yet."""
-    existing = set(tags(repo, f"{base}*")) | (taken or set())
+    existing = set(tags(repo, f"{base}*"))
     if base not in existing:
         return base
     n = 2

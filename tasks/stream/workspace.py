@@ -161,14 +161,14 @@ def is_initialised(home: Home) -> bool:
 
 
 def init_workspace(home: str | os.PathLike | Home | None = None, *, inbox: str | None = None,
-                   remote: str | None = None, lock_timeout: float = -1) -> Home:
+                   remote: str | None = None) -> Home:
     """Create (or update) LEDIT_HOME: directories, config, and the git + DVC workspace.
 
     Idempotent. ``inbox`` may be any fsspec URL; ``remote`` any DVC remote URL (default:
     ``$LEDIT_HOME/remote``). Safe against a concurrent ingest: it takes the workspace lock.
     """
     h = home if isinstance(home, Home) else Home.at(home)
-    with h.lock(lock_timeout):
+    with h.lock():
         return _init_locked(h, inbox=inbox, remote=remote)
 
 
