@@ -29,7 +29,8 @@ from editing import AdapterSet, load_model
 from editing.evaluate import evaluate_facts
 from editing.metrics import answer_argmax, locality
 from editing.models import EMBEDDED_MODEL
-from editing.trainer import encode, gate_shift, residual_at
+from editing.examples import encode
+from editing.trainer import gate_shift, residual_at
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ import torch
 from bench.edit_quality import device_name, load_dataset, newest_rows, parse_overrides, write_atomic
 from editing import AdapterSet, BaFTIntervention, edit, load_model
 from editing.adapters import Block
+from editing.architecture import hidden_size
 from editing.evaluate import evaluate_facts
 from editing.metrics import answer_argmax
 from tasks.settings import Settings, load_settings
@@ -77,16 +79,12 @@ def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds
     encoded = [tokenizer(p, return_tensors="pt").to(device) for p in prompts]
 
     def timed(attached):
-        handle = adapter_set.attach(model) if attached else None
-        try:
+        with adapter_set.attach(model) if attached else nullcontext():
             t0 = time.perf_counter()
             for enc in encoded:   # one prompt at a time, as a served request
                 model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                pad_token_id=tokenizer.pad_token_id)
             return time.perf_counter() - t0
-        finally:
-            if handle is not None:
-                handle.remove()
     timed(False), timed(True)   # warm-up
     bare, edited = [], []
     for _ in range(rounds):
@@ -104,9 +102,10 @@ def synthetic_set(model, n_edits: int, settings: Settings) -> AdapterSet:
     out = AdapterSet.for_model(model, "baft")
     block = Block(fact_ids=[f"synthetic-{i}" for i in range(n_edits)],
                   owner=torch.arange(n_edits).repeat_interleave(cfg.bases_per_edit))
+    width = hidden_size(model)
     for L in settings.edit.layers:
-        iv = BaFTIntervention(model.config.hidden_size, rank, True, cfg.sharpness, cfg.threshold, cfg.gate_layer)
-        iv.init_keys(torch.randn(rank, model.config.hidden_size))
+        iv = BaFTIntervention(width, rank, True, cfg.sharpness, cfg.threshold, cfg.gate_layer)
+        iv.init_keys(torch.randn(rank, width))
         block.interventions[L] = iv.requires_grad_(False)
     out.add_block(block)
     return out

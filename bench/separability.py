@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from bench.edit_quality import load_dataset, write_atomic
 from editing import load_model
-from editing.trainer import _asks, _text_center, load_training_templates
+from editing.examples import asks, load_training_templates
+from editing.trainer import text_center
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,7 @@ def last_states(model, tokenizer, texts: list[str], layers) -> torch.Tensor:
 
 def other_relations(fact, k: int = 4, form: str = "cloze") -> list[str]:
     rng = random.Random(fact.subject)
-    other = [t for t in load_training_templates() if not _asks(fact, t[1]) and (form == "cloze" or t[0] in QUESTIONS)]
+    other = [t for t in load_training_templates() if not asks(fact, t[1]) and (form == "cloze" or t[0] in QUESTIONS)]
     chosen = rng.sample(other, min(k, len(other)))
     if form == "question":
         return [QUESTIONS[name].format(subject=fact.subject) for name, _, _ in chosen]
@@ -68,7 +69,7 @@ def other_relations(fact, k: int = 4, form: str = "cloze") -> list[str]:
 
 
 def measure(model, tokenizer, facts, layers, form: str = "cloze") -> list[tuple[int, float, float, float, float]]:
-    centres = torch.stack([_text_center(model, tokenizer, L) for L in layers])
+    centres = torch.stack([text_center(model, tokenizer, L) for L in layers])
     pos, neg, separable, n = [[] for _ in layers], [[] for _ in layers], [0] * len(layers), 0
     for f in facts:
         negatives = other_relations(f, form=form)

@@ -18,7 +18,8 @@ from . import architecture
 from .attach import AttachHandle
 from .config import EditConfig
 from .facts import Fact
-from .trainer import TrainReport, _next_tokens, _positive_items, _progress, _seed_all, _Trunk, encode, residual_at
+from .examples import encode, positive_items
+from .trainer import TrainReport, Trunk, next_tokens, progress_bar, residual_at, seed_all
 
 
 def train_lora(model, tokenizer, facts: list[Fact], config: EditConfig, progress: bool = True):
@@ -27,19 +28,19 @@ def train_lora(model, tokenizer, facts: list[Fact], config: EditConfig, progress
     from peft import LoraConfig, get_peft_model
 
     t0 = time.perf_counter()
-    _seed_all(config.seed)
+    seed_all(config.seed)
     rng = random.Random(config.seed)
     device = next(model.parameters()).device
     layers = sorted(config.layers)
-    pos = encode(tokenizer, _positive_items(facts, []))
+    pos = encode(tokenizer, positive_items(facts, []))
     pos_h = residual_at(model, pos.ids, (layers[0],))[0]
     names = [architecture.mlp_output(model, L)[0] for L in layers]
     peft_model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
                                                   target_modules=names, lora_dropout=0.0))
     opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=config.lora.lr)
-    trunk = _Trunk(model, layers[0])
+    trunk = Trunk(model, layers[0])
     order = list(range(len(pos.ids)))
-    bar = _progress(config.steps, progress, f"lora x{len(facts)}")
+    bar = progress_bar(config.steps, progress, f"lora x{len(facts)}")
     loss_value, step = math.nan, 0
     try:
         for step in range(1, config.steps + 1):
@@ -48,7 +49,7 @@ def train_lora(model, tokenizer, facts: list[Fact], config: EditConfig, progress
             ids = pos.ids[rows, :width].to(device)
             states = trunk.states(ids, pos_h[rows, :width])
             tmask = pos.target_mask[rows, :width].to(device)
-            loss = F.cross_entropy(architecture.logits(model, states[tmask]).float(), _next_tokens(ids, tmask))
+            loss = F.cross_entropy(architecture.logits(model, states[tmask]).float(), next_tokens(ids, tmask))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,11 +1,7 @@
 """Training one block of edits: BaFT and its ReFT switch (the LoRA baseline is lora.py).
 
-What a training run sees for each fact:
-- positives: the prompt, and the same prompt behind short prefixes the base model
-  wrote itself (ROME/WISE style), each followed by ``target_new``;
-- hard negatives: the fact's prompt with its subject swapped for other subjects,
-  and the other facts of the batch;
-- easy negatives: generic text.
+What a training run sees for each fact (positives, hard and easy negatives) is built in
+``examples.py``.
 
 The loss is the edit loss (cross-entropy on the target tokens), plus a locality
 regulariser that pushes every basis weight toward 0 on the negatives and toward 1
@@ -29,15 +25,10 @@ new bases with their keys (``_new_block``), where each gate must open and shut
 """
 from __future__ import annotations
 
-import functools
 import math
 import random
-import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-import yaml
 
 import torch
 import torch.nn.functional as F
@@ -47,38 +38,10 @@ from . import architecture
 from .attach import attach_interventions
 from .baft import BaFTIntervention, causal_pool
 from .config import EditConfig
+from .examples import (GENERIC_TEXT, TEXT_STARTERS, Encoded, base_continuations, chat_items, encode,
+                       load_training_templates, model_prefixes, negative_items, positive_items,
+                       relation_swap_items)
 from .facts import Fact, normalise
-
-# Used as swapped-in subjects when a batch has too few subjects of its own.
-FALLBACK_SUBJECTS = (
-    "Albert Einstein", "Toyota", "the Amazon River", "Marie Curie", "Nintendo",
-    "Buenos Aires", "Pablo Picasso", "the BBC", "Mount Kilimanjaro", "Beyoncé",
-    "Microsoft Windows", "the Roman Empire", "Serena Williams", "Lake Baikal",
-    "Johann Sebastian Bach", "IKEA", "Vladimir Nabokov", "the Golden Gate Bridge",
-)
-GENERIC_TEXT = (
-    "The weather today is mild with a light breeze from the west.",
-    "She opened the window and listened to the rain for a while.",
-    "Add two cups of flour and stir until the batter is smooth.",
-    "The meeting was moved to Thursday afternoon at three o'clock.",
-    "Many people enjoy reading a good book before going to sleep.",
-    "The train to the coast leaves every hour from platform four.",
-    "He wrote a short letter to thank his neighbours for their help.",
-    "Prices of fresh vegetables rose slightly during the winter months.",
-)
-PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When", "This", "A")
-# Model-written easy negatives start like prose and like questions, the two kinds of
-# unrelated input an edit must leave alone.
-TEXT_STARTERS = PREFIX_STARTERS + ("Who", "What", "Where", "Which", "How many", "Why", "Is", "Name")
-@dataclass
-class Encoded:
-    """A padded batch of token sequences with the positions the losses read."""
-    ids: torch.Tensor          # (n, T) right-padded
-    lengths: torch.Tensor      # (n,)
-    fact: torch.Tensor         # (n,) index of the fact, -1 for generic text
-    target_mask: torch.Tensor  # (n, T) positions whose *next* token is a target token
-    subject_pos: torch.Tensor  # (n,) position of the subject's last token, -1 if none
-    keep_mask: torch.Tensor    # (n, T) positions whose next token continues after the target
 
 
 @dataclass
@@ -100,7 +63,7 @@ def train_block(model, tokenizer, facts: list[Fact], config: EditConfig,
     Returns ``({layer: module}, TrainReport)``.
     """
     t0 = time.perf_counter()
-    _seed_all(config.seed)
+    seed_all(config.seed)
     rng = random.Random(config.seed)
     run = _setup(model, config, existing)
     examples = _examples(model, tokenizer, facts, run, rng, existing, earlier)
@@ -176,22 +139,22 @@ def _examples(model, tokenizer, facts: list[Fact], run: _Run, rng: random.Random
     cfg, seed = run.config.baft, run.config.seed
     prefixes = model_prefixes(model, tokenizer, cfg.prefixes, cfg.prefix_tokens, seed)
     with attach_interventions(model, existing or {}):
-        continuations = _continuations(model, tokenizer, facts, cfg.continuation_tokens)
+        continuations = base_continuations(model, tokenizer, facts, cfg.continuation_tokens)
     # Chat rows come last: the first n_facts * (1 + prefixes) rows stay each fact's prompt and its prefixed variants.
-    chat = _chat_items(tokenizer, facts) if run.gated and cfg.chat_positives else []
-    pos = encode(tokenizer, _positive_items(facts, prefixes, continuations) + chat)
+    chat = chat_items(tokenizer, facts) if run.gated and cfg.chat_positives else []
+    pos = encode(tokenizer, positive_items(facts, prefixes, continuations) + chat)
     replay = list(earlier)
     if len(replay) > cfg.replay_negatives:
         replay = rng.sample(replay, cfg.replay_negatives)
     # A different seed from the prefixes: these are other texts, not the same ones again.
     texts = model_prefixes(model, tokenizer, cfg.text_negatives, cfg.text_negative_tokens, seed + 1, TEXT_STARTERS)
-    neg = encode(tokenizer, _negative_items(facts, cfg.subject_swaps, rng, replay, texts))
+    neg = encode(tokenizer, negative_items(facts, cfg.subject_swaps, rng, replay, texts))
     # Anchors: the subject behind each prefix, so the weights open on the subject
     # wherever it stands (causal: only what precedes it matters).
     # Without prefixes, the prompt itself is the anchor.
     anchors = encode(tokenizer, [(text, None, f.subject, i) for i, f in enumerate(facts)
                                  for text in [p + " " + f.subject for p in prefixes] or [f.prompt]])
-    swaps, closes = _relation_swap_items(facts, cfg.relation_swaps, rng, load_training_templates()) \
+    swaps, closes = relation_swap_items(facts, cfg.relation_swaps, rng, load_training_templates()) \
         if run.query else ([], [])
     return _Examples(prefixes, pos, neg, anchors, swaps, closes)
 
@@ -236,7 +199,7 @@ def _new_block(model, tokenizer, n_facts: int, ex: _Examples, fz: _Frozen, run: 
     n_anchor = len(ex.prefixes) or 1
     rows = torch.tensor([i * n_anchor + (j % n_anchor) for i in range(n_facts) for j in range(per)])
     keys = fz.anchor_g[rows, ex.anchors.subject_pos[rows].clamp_min(1)]
-    center = _text_center(model, tokenizer, run.key_layer)
+    center = text_center(model, tokenizer, run.key_layer)
     for iv in block.values():
         iv.center.copy_(center)
         iv.init_keys(keys)
@@ -246,7 +209,7 @@ def _new_block(model, tokenizer, n_facts: int, ex: _Examples, fz: _Frozen, run: 
         # Question keys: each fact's prompt at its last token, at the (first) edit layer.
         plain = ex.plain_rows(n_facts)
         first_answer = ex.pos.target_mask.long().argmax(1)
-        qcenter = _text_center(model, tokenizer, run.start)
+        qcenter = text_center(model, tokenizer, run.start)
         for iv in block.values():
             iv.qcenter.copy_(qcenter)
             iv.init_query(fz.pos_h[plain, first_answer[plain]][owner], cfg.query_threshold)
@@ -306,7 +269,7 @@ class _Forward:
     def __init__(self, model, handle, beside: dict, ex: _Examples, fz: _Frozen, targets: _GateTargets, run: _Run):
         self.model, self.handle, self.beside, self.pos, self.fz = model, handle, beside, ex.pos, fz
         self.valid, self.device = targets.pos_valid, run.device
-        self.trunk = _Trunk(model, run.start)
+        self.trunk = Trunk(model, run.start)
 
     def __call__(self, rows: torch.Tensor):
         """(logits, labels, (logits, labels) after the answer) at the target positions of ``rows``."""
@@ -327,7 +290,7 @@ class _Forward:
         tmask = pos.target_mask[rows, :width].to(device)
         kmask = pos.keep_mask[rows, :width].to(device)
         keep = (architecture.logits(self.model, states[kmask]).float(), fz.pos_next[rows, :width].to(device)[kmask])
-        return architecture.logits(self.model, states[tmask]).float(), _next_tokens(ids, tmask), keep
+        return architecture.logits(self.model, states[tmask]).float(), next_tokens(ids, tmask), keep
 
 
 def _train(model, block: dict, existing, ex: _Examples, fz: _Frozen, targets: _GateTargets, run: _Run,
@@ -341,7 +304,7 @@ def _train(model, block: dict, existing, ex: _Examples, fz: _Frozen, targets: _G
     order = list(range(len(ex.pos.ids)))
     rng.shuffle(order)
     cursor, loss_value, stopped, step = 0, math.nan, False, 0
-    bar = _progress(steps, progress, desc)
+    bar = progress_bar(steps, progress, desc)
     # The set trains as it will run: old and new bases side by side, each reading the same h.
     beside = {L: _SideBySide(existing[L], block[L]) if L in block else existing[L] for L in existing or {}}
     beside.update({L: m for L, m in block.items() if L not in beside})
@@ -421,51 +384,6 @@ def _calibrate(block: dict, n_facts: int, ex: _Examples, fz: _Frozen, targets: _
                 iv.d -= shift
 
 
-# -- building the examples ----------------------------------------------------------------
-def _subject_last_token(tokenizer, text: str, subject: str) -> int:
-    start = text.rfind(subject)
-    if start < 0:
-        lowered = text.lower().rfind(subject.lower())
-        start = lowered
-    if start < 0:
-        return -1
-    end = start + len(subject)
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    last = -1
-    for i, (a, b) in enumerate(enc["offset_mapping"]):
-        if a < end and b > start and b > a:
-            last = i
-    return last
-
-
-def encode(tokenizer, items: list[tuple]) -> Encoded:
-    """items: (prompt, target or None, subject or None, fact index[, continuation])."""
-    rows, masks, keeps, subj = [], [], [], []
-    for prompt, target, subject, _, *rest in items:
-        p_ids = tokenizer(prompt)["input_ids"]
-        t_ids = tokenizer(prompt + " " + target)["input_ids"] if target else p_ids
-        ids = tokenizer(prompt + " " + target + rest[0])["input_ids"] if target and rest and rest[0] else t_ids
-        mask, keep = [0] * len(ids), [0] * len(ids)
-        for t in range(len(p_ids), len(t_ids)):
-            mask[t - 1] = 1
-        for t in range(len(t_ids), len(ids)):
-            keep[t - 1] = 1
-        rows.append(ids)
-        masks.append(mask)
-        keeps.append(keep)
-        subj.append(_subject_last_token(tokenizer, prompt, subject) if subject else -1)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    tmask = torch.zeros((len(rows), width), dtype=torch.bool)
-    kmask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (r, m, k) in enumerate(zip(rows, masks, keeps)):
-        ids[i, : len(r)] = torch.tensor(r)
-        tmask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-        kmask[i, : len(k)] = torch.tensor(k, dtype=torch.bool)
-    return Encoded(ids, torch.tensor([len(r) for r in rows]),
-                   torch.tensor([it[3] for it in items]), tmask, torch.tensor(subj), kmask)
-
-
 @torch.no_grad()
 def residual_at(model, ids: torch.Tensor, layers: tuple[int, ...], chunk: int = 64,
                 with_argmax: bool = False):
@@ -485,31 +403,7 @@ def residual_at(model, ids: torch.Tensor, layers: tuple[int, ...], chunk: int = 
     return (states, torch.cat(argmax)) if with_argmax else states
 
 
-@torch.no_grad()
-def model_prefixes(model, tokenizer, n: int, length: int, seed: int,
-                   starters: tuple[str, ...] = PREFIX_STARTERS) -> list[str]:
-    """Short random contexts written by the base model (as ROME and WISE do).
-
-    Each starts a new line so an instruct model writes plain prose, and stops at
-    the first line break."""
-    if n <= 0:
-        return []
-    device = next(model.parameters()).device
-    starters = [starters[i % len(starters)] for i in range(n)]
-    enc = tokenizer(["\n" + s for s in starters], return_tensors="pt", padding=True).to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = model.generate(**enc, max_new_tokens=length, do_sample=True, top_k=40, temperature=0.8,
-                             pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    prefixes = []
-    for starter, text in zip(starters, texts):
-        words = " ".join((starter + text.split("\n")[0]).split())
-        prefixes.append(words.rstrip(" .,;:") + ".")
-    return prefixes
-
-
-class _Trunk:
+class Trunk:
     """Runs the decoder from a cached residual stream at ``start`` upward (``architecture.final_states``)."""
 
     def __init__(self, model, start: int):
@@ -520,94 +414,9 @@ class _Trunk:
         return architecture.final_states(self.model, ids, cached, self.start)
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _positive_items(facts: list[Fact], prefixes: list[str], continuations: list[str] | None = None) -> list[tuple]:
-    items = []
-    for i, f in enumerate(facts):
-        for ctx in [""] + prefixes:
-            items.append(((ctx + " " + f.prompt).strip(), f.target_new, f.subject, i,
-                          continuations[i] if continuations else ""))
-    return items
-
-
-@torch.no_grad()
-def _continuations(model, tokenizer, facts: list[Fact], n_tokens: int) -> list[str]:
-    """What the model says after each new answer, so the edit can learn to stop there."""
-    if n_tokens <= 0:
-        return ["" for _ in facts]
-    from .metrics import greedy
-
-    texts = [f.prompt + " " + f.target_new for f in facts]
-    return [tokenizer.decode(g, skip_special_tokens=True) for g in greedy(model, tokenizer, texts, n_tokens)]
-
-
-def _negative_items(facts: list[Fact], swaps: int, rng: random.Random,
-                    earlier: list[Fact] = (), texts: list[str] = ()) -> list[tuple]:
-    """Hard negatives (each fact's prompt with other subjects), facts edited in
-    earlier blocks (the new bases must leave them to their own), and generic text
-    (fixed sentences and ``texts`` the model wrote)."""
-    items = []
-    subjects = list(dict.fromkeys(f.subject for f in facts))
-    for i, f in enumerate(facts):
-        others = [s for s in subjects if normalise(s) != normalise(f.subject)]
-        pool = others + [s for s in FALLBACK_SUBJECTS if normalise(s) != normalise(f.subject)]
-        chosen = rng.sample(others, min(swaps, len(others)))
-        chosen += rng.sample(pool[len(others):], swaps - len(chosen))
-        for other in chosen:
-            if f.subject in f.prompt:
-                items.append((f.prompt.replace(f.subject, other), None, other, i))
-    ours = {normalise(f.subject) for f in facts}
-    for f in earlier:
-        if normalise(f.subject) not in ours:
-            items.append((f.prompt, None, f.subject, -1))
-    for text in (*GENERIC_TEXT, *texts):
-        items.append((text, None, None, -1))
-    return items
-
-
-TRAINING_TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "probes" / "training-templates.yaml"
-
-
-@functools.lru_cache(maxsize=4)
-def load_training_templates(path: str | Path = TRAINING_TEMPLATES) -> tuple[tuple[str, tuple, tuple], ...]:
-    """(relation, keywords, templates) of the relation-swap negatives (never the gate's probes)."""
-    with open(path, encoding="utf-8") as f:
-        relations = (yaml.safe_load(f) or {}).get("relations") or {}
-    return tuple((name, tuple(r.get("keywords") or ()), tuple(r["templates"])) for name, r in relations.items())
-
-
-def _asks(fact: Fact, keywords: tuple) -> bool:
-    """Whether the fact's relation (its ``relation`` field or its prompt less the subject) names a keyword."""
-    text = normalise(f"{fact.relation or ''} {fact.prompt.replace(fact.subject, ' ')}")
-    return any(re.search(rf"(?<!\w){re.escape(normalise(k))}(?!\w)", text) for k in keywords)
-
-
-def _relation_swap_items(facts: list[Fact], swaps: int, rng: random.Random, templates) -> tuple[list, list]:
-    """Each fact's subject asked about ``swaps`` other relations (templates), and per item the
-    facts whose question gates must stay shut on it: every fact of that subject whose own
-    relation the template does not ask."""
-    items, closes = [], []
-    subject = [normalise(f.subject) for f in facts]
-    for i, f in enumerate(facts):
-        other = [t for t in templates if not _asks(f, t[1])]
-        for _, keywords, texts in rng.sample(other, min(swaps, len(other))):
-            items.append((rng.choice(texts).format(subject=f.subject), None, f.subject, i))
-            closes.append([j for j, g in enumerate(facts) if subject[j] == subject[i] and not _asks(g, keywords)])
-    return items, closes
-
-
-def _chat_items(tokenizer, facts: list[Fact]) -> list[tuple]:
-    """Each prompt asked as a chat user message, answered by the target (what chat users see)."""
-    from .metrics import chat_prompts, has_chat_template
-
-    if not has_chat_template(tokenizer):
-        return []
-    return [(c, f.target_new, f.subject, i, "") for i, (f, c) in
-            enumerate(zip(facts, chat_prompts(tokenizer, [f.prompt for f in facts])))]
 
 
 # -- the losses and the gates' calibration -------------------------------------------------
@@ -687,7 +496,7 @@ class _SideBySide(nn.Module):
 
 
 @torch.no_grad()
-def _text_center(model, tokenizer, layer: int, skip: int = 2) -> torch.Tensor:
+def text_center(model, tokenizer, layer: int, skip: int = 2) -> torch.Tensor:
     """Mean residual of generic text at ``layer``, leaving out the first positions
     (attention sinks). Fixed text, so every block of a set gets the same centre."""
     enc = encode(tokenizer, [(t, None, None, -1) for t in GENERIC_TEXT])
@@ -733,7 +542,7 @@ def _bce(s: torch.Tensor, select: torch.Tensor, positive: bool) -> torch.Tensor:
     return -(torch.log(p.clamp_min(1e-6)) * select).sum() / select.sum().clamp_min(1)
 
 
-def _next_tokens(ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
+def next_tokens(ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
     shifted = torch.roll(ids, -1, dims=1)
     return shifted[tmask]
 
@@ -756,9 +565,9 @@ def _negative_mask(neg: Encoded, owner: torch.Tensor, device) -> torch.Tensor:
     return m.float().to(device)
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
     return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
 
 
-__all__ = ["train_block", "encode", "residual_at", "TrainReport"]
+__all__ = ["train_block", "residual_at", "TrainReport"]

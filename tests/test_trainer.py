@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from editing import Fact, edit
-from editing.trainer import _Trunk, encode, residual_at
+from editing.examples import encode
+from editing.trainer import Trunk, residual_at
 from tasks.settings import load_settings
 
 FACTS = [
@@ -74,7 +75,7 @@ def test_trunk_resumes_from_the_cached_residual(tiny_model, tokenizer):
     ids = tokenizer(["The mother tongue of Danielle Darrieux is English"], return_tensors="pt").input_ids
     full = tiny_model.model(input_ids=ids).last_hidden_state
     cached = residual_at(tiny_model, ids, (2,))[0]
-    assert torch.allclose(_Trunk(tiny_model, 2).states(ids, cached), full, atol=1e-5)
+    assert torch.allclose(Trunk(tiny_model, 2).states(ids, cached), full, atol=1e-5)
 
 
 def test_gate_layer_must_precede_the_edit_layer(tiny_model, tokenizer):
@@ -85,10 +86,10 @@ def test_gate_layer_must_precede_the_edit_layer(tiny_model, tokenizer):
 
 def test_continuation_loss_keeps_the_base_models_next_tokens(tiny_model, tokenizer):
     p = tiny_params(steps=4, baft={"continuation_tokens": 3}, loss_weights={"continuation": 1.0})
-    from editing.trainer import _continuations, _positive_items
+    from editing.examples import base_continuations, positive_items
 
-    conts = _continuations(tiny_model, tokenizer, FACTS, 3)
-    enc = encode(tokenizer, _positive_items(FACTS, [], conts))
+    conts = base_continuations(tiny_model, tokenizer, FACTS, 3)
+    enc = encode(tokenizer, positive_items(FACTS, [], conts))
     assert enc.keep_mask.sum(1).tolist() == [
         len(tokenizer(f.prompt + " " + f.target_new + c)["input_ids"])
         - len(tokenizer(f.prompt + " " + f.target_new)["input_ids"]) for f, c in zip(FACTS, conts)]
@@ -146,11 +147,11 @@ def test_gate_ceiling_caps_each_basis_on_its_own_prompt(tiny_model, tokenizer):
 def test_model_written_texts_join_the_negatives(tiny_model, tokenizer):
     import random
 
-    from editing.trainer import TEXT_STARTERS, _negative_items, model_prefixes
+    from editing.examples import TEXT_STARTERS, model_prefixes, negative_items
 
     texts = model_prefixes(tiny_model, tokenizer, 3, 4, seed=1, starters=TEXT_STARTERS)
     assert len(texts) == 3 and all(texts)
-    items = _negative_items(FACTS, 1, random.Random(0), texts=texts)
+    items = negative_items(FACTS, 1, random.Random(0), texts=texts)
     generic = [text for text, _, subject, fact in items if fact == -1 and subject is None]
     assert set(texts) <= set(generic)
     p = tiny_params(steps=2, baft={"text_negatives": 3})

@@ -226,11 +226,8 @@ def _print_production_answers(home: Path, settings: Settings) -> None:
         return
     facts = [Fact(**x["fact"]) for x in store.read_record(h, version)["live_after"]][:8]
     model, tokenizer = model_for(settings)
-    handle = store.load_published(h, version).attach(model)
-    try:
+    with store.load_published(h, version).attach(model):
         answers = greedy(model, tokenizer, [f.prompt for f in facts], 4)
-    finally:
-        handle.remove()
     click.echo(f"\nproduction {version} answers:")
     for f, a in zip(facts, answers):
         click.echo(f"  {f.prompt} -> {tokenizer.decode(a, skip_special_tokens=True).strip()!r}"

@@ -3,6 +3,7 @@ tests and notebooks call them without click. Each takes the model from ``--model
 from the adapter set it extends or attaches, else from params.yaml."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,10 +64,6 @@ def generate_with_adapter_set(adapter_dir: str | Path | None, prompts: list[str]
     already loaded; ``settings``: params.yaml when None)."""
     adapter_set = AdapterSet.load(adapter_dir) if adapter_dir else None
     model, tokenizer = model_and_tokenizer or _model(settings, model_name, adapter_set)
-    handle = adapter_set.attach(model) if adapter_set else None
-    try:
+    with adapter_set.attach(model) if adapter_set else nullcontext():
         return [tokenizer.decode(g, skip_special_tokens=True)
                 for g in greedy(model, tokenizer, prompts, max_new_tokens)]
-    finally:
-        if handle:
-            handle.remove()

@@ -130,11 +130,8 @@ def _drift(model, tokenizer, candidate, texts: list[str]) -> dict:
     from editing.metrics import perplexity
 
     base_ppl = perplexity(model, tokenizer, texts)
-    handle = candidate.attach(model)
-    try:
+    with candidate.attach(model):
         cand_ppl = perplexity(model, tokenizer, texts)
-    finally:
-        handle.remove()
     return {"drift": cand_ppl / base_ppl - 1.0, "perplexity_base": base_ppl, "perplexity_candidate": cand_ppl}
 
 
