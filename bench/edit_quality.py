@@ -119,10 +119,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     settings = load_settings(overrides=parse_overrides(args.overrides))
+    if args.model:                  # one place, so the table names the model that ran
+        settings = settings.override({"model": {"name": args.model}})
     if args.render_only:
         write_table(read_rows(args.rows), args, settings)
         return
-    model, tokenizer = load_model(settings.model.override({"name": args.model}) if args.model else settings.model)
+    model, tokenizer = load_model(settings.model)
     rows = []
     for dataset in args.datasets:
         facts = load_dataset(dataset, args.data_dir)[args.offset:]

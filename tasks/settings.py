@@ -135,6 +135,26 @@ class PipelineSettings(Section):
         _check(self, "fact_tags", self.fact_tags >= 0, "a whole number >= 0")
 
 
+@dataclass(frozen=True)
+class ServingSettings(Section):
+    """The served chat model (tasks/pipeline/chat.py); logged into its model_config, since
+    the server process does not read params.yaml."""
+
+    SECTION: ClassVar[str] = "serving"
+    trace: bool = False                 # each served chat request as an MLflow trace
+    max_input_tokens: int = 2048        # a longer rendered chat prompt is refused (400)
+    max_tokens: int = 256               # the most new tokens one request may ask for
+    default_max_tokens: int = 64        # a request without max_tokens gets this many
+    max_batch: int = 8                  # requests generated together in one batch
+    batch_wait_ms: float = 5.0          # how long the first request waits for others
+
+    def __post_init__(self):
+        for name in ("max_input_tokens", "max_tokens", "default_max_tokens", "max_batch"):
+            _check(self, name, getattr(self, name) >= 1, "a whole number >= 1")
+        _check(self, "default_max_tokens", self.default_max_tokens <= self.max_tokens, "<= max_tokens")
+        _check(self, "batch_wait_ms", self.batch_wait_ms >= 0, "a number >= 0")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings(Section):
     """Every hyperparameter and threshold of the project: ``params.yaml``."""
@@ -147,6 +167,7 @@ class Settings(Section):
     gate: GateSettings
     audit: AuditConfig = field(default_factory=AuditConfig)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    serving: ServingSettings = field(default_factory=ServingSettings)
 
 
 def load_settings(path: str | Path | None = None, overrides: Mapping | None = None) -> Settings:

@@ -85,7 +85,7 @@ def register(home, settings: Settings, version: str, run_id: str, verdict: dict)
     record = pub.read_record(h, version)
     if record.get("model_version"):
         return record["model_version"]
-    source, model_id = _pyfunc_source(h, settings, run_id, record)
+    source, model_id = _pyfunc_source(h, settings, run_id, record, version)
     source = source or f"runs:/{run_id}/{tracking.ADAPTER_ARTIFACT}"
     changes = record["changes"]
     tags = {"ledit.version": version, "ledit.base_version": record.get("base_version") or "none",
@@ -105,14 +105,17 @@ def register(home, settings: Settings, version: str, run_id: str, verdict: dict)
     return model_version
 
 
-def _pyfunc_source(h, settings: Settings, run_id: str, record: dict) -> tuple[str | None, str | None]:
-    """The pyfunc model (tasks.pipeline.serving) as the version's source, so that
-    ``mlflow models serve -m models:/baft-adapter-set@production`` answers prompts.
+def _pyfunc_source(h, settings: Settings, run_id: str, record: dict,
+                   version: str) -> tuple[str | None, str | None]:
+    """The chat model (tasks.pipeline.chat) as the version's source, so that
+    ``mlflow models serve -m models:/baft-adapter-set@production`` answers chat requests;
+    the prompt model (tasks.pipeline.serving) is logged alongside in the run.
     Returns ``(model_uri, model_id)``, or ``(None, None)`` where it is switched off
     (``pipeline.log_pyfunc``) or not available."""
     if not settings.pipeline.log_pyfunc:
         return None, None
     try:
+        from tasks.pipeline.chat import log_chat_model
         from tasks.pipeline.serving import log_pyfunc_model
     except ImportError:
         return None, None
@@ -123,7 +126,10 @@ def _pyfunc_source(h, settings: Settings, run_id: str, record: dict) -> tuple[st
     mlflow.set_registry_uri(uri)
     # log_pyfunc_model logs into the active (fluent) run: resume ours for that call only
     with mlflow.start_run(run_id=run_id):
-        info = log_pyfunc_model(record["candidate_dir"], settings.model.name, dtype=settings.model.dtype)
+        log_pyfunc_model(record["candidate_dir"], settings.model.name, dtype=settings.model.dtype)
+        info = log_chat_model(record["candidate_dir"], settings.model.name, dtype=settings.model.dtype,
+                              adapter_version=version, fired_weight=settings.audit.fired_weight,
+                              serving=settings.serving, trace_experiment=settings.pipeline.experiment)
     tracking.client(h).update_run(run_id, status="RUNNING")    # start_run's exit finished it
     return str(info.model_uri), getattr(info, "model_id", None)
 

@@ -1,4 +1,7 @@
-"""The edited model as an MLflow pyfunc: ``mlflow models serve -m models:/baft-adapter-set@production``.
+"""The edited model as an MLflow pyfunc answering ``{"prompt": ...}`` rows with greedy
+continuations. The pipeline logs it as ``pyfunc`` in each candidate's run, next to the chat
+model (``chat.py``, ``chat``) that is the registry version's source and so what
+``mlflow models serve -m models:/baft-adapter-set@production`` serves.
 
 The logged model holds the adapter set as an artifact and names the base model in its
 ``model_config`` (or bundles its directory, ``bundle_model=True``). It is logged as
