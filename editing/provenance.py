@@ -51,24 +51,18 @@ def basis_facts(adapter_set: AdapterSet, layer: int) -> list[tuple[int, int]]:
     return out
 
 
-@torch.no_grad()
-def explain(model, tokenizer, adapter_set: AdapterSet, prompt: str, max_new_tokens: int,
-            threshold: float) -> dict:
-    """The edited model's greedy answer to ``prompt`` and every fact that fired on it.
-
-    Returns ``{"prompt", "answer", "threshold", "firings": [Firing dict, strongest first]}``;
-    ``firings`` is empty when no edit touched the input."""
+def _require_gates(adapter_set: AdapterSet) -> None:
     if adapter_set.method != "baft":
         raise AdapterError(f"a {adapter_set.method} adapter set has no gates: every one of its edits "
                            "acts on every input, so no answer can be traced to particular facts")
-    with adapter_set.attach(model) as handle:
-        answer_ids = greedy(model, tokenizer, [prompt], max_new_tokens)[0]
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        ids = torch.tensor([prompt_ids + answer_ids], device=next(model.parameters()).device)
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)  # one pass: the gates' record
-        weights = {L: state.weights[0].float().cpu() for L, state in handle.states.items()}
-    best: dict[tuple[int, int], tuple[float, int]] = {}     # (block, fact) -> (weight, first position)
-    for layer, w in weights.items():                        # w: (T, rank), pooled: non-decreasing in T
+
+
+def _strongest(adapter_set: AdapterSet, weights: dict[int, torch.Tensor],
+               threshold: float) -> dict[tuple[int, int], tuple[float, int]]:
+    """(block, fact) -> (strongest weight, first position at ``threshold``) of every fact that
+    fired, from one sequence's gate weights per layer ((T, rank), pooled: non-decreasing in T)."""
+    best: dict[tuple[int, int], tuple[float, int]] = {}
+    for layer, w in weights.items():
         peak = w.max(0).values
         for basis, key in enumerate(basis_facts(adapter_set, layer)):
             if peak[basis] < threshold:
@@ -76,6 +70,47 @@ def explain(model, tokenizer, adapter_set: AdapterSet, prompt: str, max_new_toke
             first = int((w[:, basis] >= threshold).nonzero()[0])
             weight, pos = best.get(key, (0.0, first))
             best[key] = (max(weight, float(peak[basis])), min(pos, first))
+    return best
+
+
+@torch.no_grad()
+def fired_facts(model, adapter_set: AdapterSet, sequences: list[list[int]], threshold: float) -> list[list[str]]:
+    """For each token sequence (a prompt and the answer given to it), the ids of the facts that
+    fired on it, strongest first: ``explain``'s rule, for many texts in one right-padded pass
+    (the gates pool causally, so a row's padding never reaches its own positions)."""
+    _require_gates(adapter_set)
+    if not sequences:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+    with adapter_set.attach(model) as handle:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        weights = {L: state.weights.float().cpu() for L, state in handle.states.items()}
+    out = []
+    for row, seq in enumerate(sequences):
+        best = _strongest(adapter_set, {L: w[row, :len(seq)] for L, w in weights.items()}, threshold)
+        ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
+        out.append(list(dict.fromkeys(adapter_set.blocks[bi].fact_ids[fi] for (bi, fi), _ in ranked)))
+    return out
+
+
+@torch.no_grad()
+def explain(model, tokenizer, adapter_set: AdapterSet, prompt: str, max_new_tokens: int,
+            threshold: float) -> dict:
+    """The edited model's greedy answer to ``prompt`` and every fact that fired on it.
+
+    Returns ``{"prompt", "answer", "threshold", "firings": [Firing dict, strongest first]}``;
+    ``firings`` is empty when no edit touched the input."""
+    _require_gates(adapter_set)
+    with adapter_set.attach(model) as handle:
+        answer_ids = greedy(model, tokenizer, [prompt], max_new_tokens)[0]
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids], device=next(model.parameters()).device)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)  # one pass: the gates' record
+        weights = {L: state.weights[0].float().cpu() for L, state in handle.states.items()}
+    best = _strongest(adapter_set, weights, threshold)
     all_ids = prompt_ids + answer_ids
     firings = []
     for (bi, fi), (weight, pos) in best.items():

@@ -9,8 +9,8 @@ A ChatModel's signature is MLflow's fixed chat schema, so it cannot also take th
 the same run (``pyfunc``), and this one (``chat``) is the registry version's source.
 
 Prompts go through the base model's own chat template. Each response's ``custom_outputs``
-names the facts that fired (editing/provenance.py ``explain`` on the prompt and the answer,
-at ``audit.fired_weight``) and the adapter version that answered. Concurrent requests are
+names the facts that fired (editing/provenance.py ``fired_facts``: ``ledit why``'s rule on the
+prompt and the answer, at ``audit.fired_weight``, one pass per batch) and the adapter version that answered. Concurrent requests are
 generated together (``batching.MicroBatcher``). With ``serving.trace`` each request is an
 MLflow trace carrying the same. The settings travel in the logged ``model_config``.
 """
@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, TokenUsageStats
 
+from editing.provenance import fired_facts
 from tasks.pipeline.batching import Job, MicroBatcher
 from tasks.pipeline.serving import pip_requirements
 
@@ -51,13 +52,16 @@ class ChatAdapterModel(mlflow.pyfunc.ChatModel):
         self.version = str(config.get("adapter_version") or "unregistered")
         self.fired_weight = float(config.get("fired_weight", AuditConfig.fired_weight))
         self.serving = ServingSettings.from_dict(config.get("serving") or {})
-        if self.serving.trace and config.get("trace_experiment"):
+        # MLflow loads (and tries) the model while logging it, inside the logging run: only a
+        # process serving it, outside any run, traces, and only there is the experiment set
+        self.trace = self.serving.trace and mlflow.active_run() is None
+        if self.trace and config.get("trace_experiment"):
             mlflow.set_experiment(config["trace_experiment"])
         self.batcher = MicroBatcher(self._generate, self.serving.max_batch, self.serving.batch_wait_ms / 1000)
 
     def predict(self, context, messages: list[ChatMessage], params) -> ChatCompletionResponse:
         job = self._job(messages, params)
-        if not self.serving.trace:
+        if not self.trace:
             return self._respond(self.batcher.submit(job))
         with mlflow.start_span(name="baft_chat", span_type="CHAT_MODEL") as span:
             span.set_inputs({"messages": [m.to_dict() for m in messages], "max_tokens": job.max_tokens,
@@ -120,28 +124,24 @@ class ChatAdapterModel(mlflow.pyfunc.ChatModel):
         with torch.no_grad(), self.adapter_set.attach(self.model):
             gen = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad,
                                       max_new_tokens=max(j.max_tokens for j in jobs), **sampling)
-        return [self._finish(j, row[width:][:j.max_tokens]) for j, row in zip(jobs, gen.tolist())]
+        answers = [self._finish(j, row[width:][:j.max_tokens]) for j, row in zip(jobs, gen.tolist())]
+        # ``ledit why``'s rule on each prompt and the answer as given, all in one pass
+        fired = fired_facts(self.model, self.adapter_set, [a.pop("ids") for a in answers], self.fired_weight)
+        return [dict(a, fired=f) for a, f in zip(answers, fired)]
 
     def _finish(self, job: Job, new_ids: list[int]) -> dict:
-        """The answer cut at EOS and at the first stop string; the facts that fired on it."""
-        from editing.provenance import explain
-
+        """The answer cut at EOS and at the first stop string, with the token ids as given."""
         eos = self.model.generation_config.eos_token_id
         ends = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
         cut = next((i for i, t in enumerate(new_ids) if t in ends), None)
         reason = "stop" if cut is not None else "length"
-        text = self.tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
+        answer_ids = new_ids[:cut]
+        text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in job.stop) if i >= 0]
         if hits:
             text, reason = text[:min(hits)], "stop"
-        given = self.tokenizer.decode(job.prompt_ids) + text
-        # explain's rule on the prompt and the answer as given. It generates at least one
-        # token; the gates pool causally, so a fact first firing past the given text fired
-        # only on that extra token, and is left out.
-        found = explain(self.model, self.tokenizer, self.adapter_set, given, 1, self.fired_weight)
-        n = len(self.tokenizer(given)["input_ids"])
-        fired = list(dict.fromkeys(f["fact_id"] for f in found["firings"] if f["position"] < n))
-        return {"text": text, "reason": reason, "fired": fired,
+            answer_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {"text": text, "reason": reason, "ids": job.prompt_ids + answer_ids,
                 "usage": (len(job.prompt_ids), len(new_ids[:cut]))}
 
     def _respond(self, out: dict) -> ChatCompletionResponse:
