@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from bench.edit_quality import device_name, write_atomic
 from bench.lifelong import synthetic_set
 from editing import AdapterSet, load_model
 from editing.offline import OFFLINE_ENV
+from flows.cli.server import stop_process_groups
 from tasks.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,21 +87,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End the server's whole process group (uvicorn runs under it)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
-
-
 @contextmanager
 def served(model_uri: str, tracking_uri: str, log_path: Path, timeout_s: float = 300):
     """``mlflow models serve`` on a free port of 127.0.0.1; yields the invocations URL."""
@@ -121,7 +106,7 @@ def served(model_uri: str, tracking_uri: str, log_path: Path, timeout_s: float =
                 time.sleep(1)
             yield f"http://127.0.0.1:{port}/invocations"
         finally:
-            stop(proc)
+            stop_process_groups([proc], 30)
 
 
 def _ping(port: int) -> bool:

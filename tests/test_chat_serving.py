@@ -15,7 +15,8 @@ from editing import load_model
 from editing.offline import OFFLINE_ENV
 from tasks.pipeline.chat import ChatAdapterModel, log_chat_model
 from tasks.settings import ServingSettings
-from test_serving import FACTS, _free_port, _stop, adapter_dir  # noqa: F401 -- a fixture
+from flows.cli.server import stop_process_groups
+from test_serving import FACTS, _free_port, adapter_dir  # noqa: F401 -- a fixture
 
 UNRELATED = "What colour is the sky on a clear day?"
 SERVING = {"max_input_tokens": 96, "max_tokens": 32, "default_max_tokens": 8, "max_batch": 3,
@@ -122,7 +123,7 @@ def _serve(uri, model_uri, tmp_path):
         except OSError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            _stop(server)
+            stop_process_groups([server], 30)
             pytest.fail((tmp_path / "serve.log").read_text()[-3000:])
         time.sleep(1)
 
@@ -177,5 +178,5 @@ def test_production_chat_model_over_rest_with_fired_facts_errors_and_trace(adapt
         assert [s.attributes["ledit.fired_facts"] for s in spans] == [body["custom_outputs"]["fired_facts"]]
         assert spans[0].attributes["ledit.adapter_version"] == "v7"
     finally:
-        _stop(server)
+        stop_process_groups([server], 30)
         log.close()

@@ -1,7 +1,6 @@
 """The edited model as an MLflow pyfunc, in process and through `mlflow models serve`."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from conftest import make_tiny_llama
 from editing import AdapterError, Fact, edit, load_model
 from editing.offline import OFFLINE_ENV
+from flows.cli.server import stop_process_groups
 from flows.cli.steps import generate_with_adapter_set
 from tasks.pipeline.serving import AdapterSetModel, log_pyfunc_model
 from tasks.settings import load_settings
@@ -167,20 +167,5 @@ def test_registered_production_model_answers_over_rest(adapter_dir, tiny_dir, tm
         records = [{"prompt": p, "max_new_tokens": 3} for p in PROMPTS]
         assert _post(url, {"dataframe_records": records}) == short
     finally:
-        _stop(server)
+        stop_process_groups([server], 30)
         log.close()
-
-
-def _stop(proc):
-    """End the server's process group (uvicorn runs under it), if it is still there."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
