@@ -25,7 +25,7 @@ from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, To
 
 from editing.provenance import fired_facts
 from tasks.pipeline.batching import Job, MicroBatcher
-from tasks.pipeline.serving import pip_requirements
+from tasks.pipeline.serving import load_served, pip_requirements
 
 CHAT_ENTRY = Path(__file__).with_name("chat_entry.py")
 ROLES = ("system", "user", "assistant")
@@ -40,14 +40,11 @@ class ChatAdapterModel(mlflow.pyfunc.ChatModel):
     """Chat completions by the base model with the adapter set attached."""
 
     def load_context(self, context):
-        from editing import AdapterSet, load_model
-        from editing.config import AuditConfig, ModelConfig
+        from editing.config import AuditConfig
         from tasks.settings import ServingSettings
 
         config = context.model_config or {}
-        self.adapter_set = AdapterSet.load(context.artifacts["adapter_set"])   # checked first
-        name = context.artifacts.get("base_model") or config.get("base_model") or self.adapter_set.base_model
-        self.model, self.tokenizer = load_model(ModelConfig(str(name), config.get("dtype", ModelConfig.dtype)))
+        self.adapter_set, self.model, self.tokenizer = load_served(context)
         self.adapter_set.attach(self.model).remove()       # refuses another base model now, not per request
         self.version = str(config.get("adapter_version") or "unregistered")
         self.fired_weight = float(config.get("fired_weight", AuditConfig.fired_weight))

@@ -27,15 +27,8 @@ class AdapterSetModel(mlflow.pyfunc.PythonModel):
     """Greedy continuations of prompts by the base model with the adapter set attached."""
 
     def load_context(self, context):
-        from editing import AdapterSet, load_model
-        from editing.config import ModelConfig
-
         config = context.model_config or {}
-        # The adapter set first: a corrupted file is refused before the model loads.
-        self.adapter_set = AdapterSet.load(context.artifacts["adapter_set"])
-        name = context.artifacts.get("base_model") or config.get("base_model") or self.adapter_set.base_model
-        model_config = ModelConfig(str(name), config.get("dtype", ModelConfig.dtype))
-        self.model, self.tokenizer = load_model(model_config)
+        self.adapter_set, self.model, self.tokenizer = load_served(context)
         # Attached for the server's life (not ``with``): every predict call uses the edited
         # model; attach refuses another base model.
         self.handle = self.adapter_set.attach(self.model)
@@ -58,6 +51,20 @@ class AdapterSetModel(mlflow.pyfunc.PythonModel):
                 for i, g in zip(idx, gens):
                     out[i] = self.tokenizer.decode(g, skip_special_tokens=True)
         return out
+
+
+def load_served(context):
+    """``(adapter set, model, tokenizer)`` of a logged serving model: the adapter set first, so a
+    corrupted file is refused before the model loads; the base named by the artifact (bundled),
+    else by ``model_config``, else by the set itself."""
+    from editing import AdapterSet, load_model
+    from editing.config import ModelConfig
+
+    config = context.model_config or {}
+    adapter_set = AdapterSet.load(context.artifacts["adapter_set"])
+    name = context.artifacts.get("base_model") or config.get("base_model") or adapter_set.base_model
+    model, tokenizer = load_model(ModelConfig(str(name), config.get("dtype", ModelConfig.dtype)))
+    return adapter_set, model, tokenizer
 
 
 def _rows(model_input) -> list[dict]:
