@@ -31,7 +31,7 @@ demo: model
 	$(VENV)/bin/ledit demo
 
 test: model
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: model
 	$(PY) -m pytest -q -m "not integration"

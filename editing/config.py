@@ -185,6 +185,7 @@ class BaftConfig(Section):
     query_gate: bool = False
     relation_swaps: int = 6
     chat_positives: bool = False
+    relation_positives: int = 0
     query_threshold: float = 0.6
     query_margin: float = 2.0
     query_ceiling: float | None = 1.0
@@ -196,7 +197,7 @@ class BaftConfig(Section):
         for key in ("threshold", "query_threshold"):
             _check(self, key, -1 <= getattr(self, key) <= 1, "a cosine in [-1, 1]")
         for key in ("prefixes", "prefix_tokens", "subject_swaps", "continuation_tokens", "replay_negatives",
-                    "text_negatives", "text_negative_tokens", "relation_swaps"):
+                    "text_negatives", "text_negative_tokens", "relation_swaps", "relation_positives"):
             _check(self, key, getattr(self, key) >= 0, "a whole number >= 0")
 
 

@@ -40,7 +40,8 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
 
     Locality and portability are also given per kind, ``locality.<kind>`` and
     ``portability.<kind>`` (module docstring), in each fact's row where it has pairs of that
-    kind and in the means (``kind_keys`` orders them). Teacher forcing scores each pair's
+    kind and in the means (``kind_keys`` orders them). Where ``fluency_tokens`` equals
+    ``strict_tokens``, fluency is read off the prompts' strict continuations, not generated again. Teacher forcing scores each pair's
     ``answer`` (``teacher_answer``: the first non-empty alias).
     Returns ``{"per_fact": [...], "means": {...}}``.
     """
@@ -62,9 +63,13 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
         loc = metrics.locality(base_locality, metrics.answer_argmax(model, tokenizer, loc_pairs)) if loc_pairs else []
         port = metrics.token_accuracy(model, tokenizer, port_pairs) if port_pairs else []
         em = metrics.exact_match(model, tokenizer, rel_pairs)
-        flu = metrics.fluency(model, tokenizer, [f.prompt for f in facts], fluency_tokens) if fluency_tokens else []
+        reuse = bool(strict_tokens) and fluency_tokens == strict_tokens
+        flu = metrics.fluency(model, tokenizer, [f.prompt for f in facts], fluency_tokens) \
+            if fluency_tokens and not reuse else []
         if strict_tokens:
             texts = metrics.continuations(model, tokenizer, strict_prompts, strict_tokens)
+            if reuse:
+                flu = [metrics.ngram_entropy(f.prompt + texts[i]) for f, i in zip(facts, _prompt_rows(facts))]
             gen_ok = metrics.generation_success(model, tokenizer, asked, strict_tokens, texts=texts[:len(asked)])
             chat_ok = metrics.chat_success(model, tokenizer, asked, strict_tokens) if chat else None
 
@@ -77,6 +82,15 @@ def evaluate_facts(model, tokenizer, facts: list[Fact], attach=None, *, fluency_
         values = [r[name] for r in per_fact if r.get(name) is not None]
         means[name] = mean(values) if values else None
     return {"per_fact": per_fact, "means": means}
+
+
+def _prompt_rows(facts: list[Fact]) -> list[int]:
+    """Where each fact's own prompt sits among the strict prompts (each fact's prompt, then its rephrases)."""
+    rows, at = [], 0
+    for f in facts:
+        rows.append(at)
+        at += 1 + len(f.rephrase_prompts)
+    return rows
 
 
 def _fact_rows(facts: list[Fact], *, rel, em, gen, loc, port, flu) -> list[dict]:

@@ -1,7 +1,8 @@
 """What a block of edits learns on: the training sequences of ``editing.trainer``.
 
 For each fact: positives (its prompt, alone and behind short prefixes the base model wrote
-itself, followed by ``target_new``; with ``chat_positives`` also as a chat user message),
+itself, followed by ``target_new``; with ``chat_positives`` also as a chat user message; with
+``relation_positives`` also its own relation in training templates' wordings),
 hard negatives (its prompt with other subjects; the facts of earlier blocks), easy negatives
 (generic text), and for the question gate the subject asked about other relations
 (data/probes/training-templates.yaml, never the gate's probes nor a benchmark's prompts).
@@ -185,8 +186,41 @@ def load_training_templates(path: str | Path = TRAINING_TEMPLATES) -> tuple[tupl
 
 def asks(fact: Fact, keywords: tuple) -> bool:
     """Whether the fact's relation (its ``relation`` field or its prompt less the subject) names a keyword."""
+    return bool(named_keywords(fact, keywords))
+
+
+def named_keywords(fact: Fact, keywords: tuple) -> list[str]:
+    """The keywords the fact's relation (its ``relation`` field or its prompt less the subject) names."""
     text = normalise(f"{fact.relation or ''} {fact.prompt.replace(fact.subject, ' ')}")
-    return any(re.search(rf"(?<!\w){re.escape(normalise(k))}(?!\w)", text) for k in keywords)
+    return [k for k in keywords if re.search(rf"(?<!\w){re.escape(normalise(k))}(?!\w)", text)]
+
+
+def own_relation(fact: Fact, templates) -> tuple | None:
+    """The template relation the fact asks, or None. Keywords overlap across relations ("born",
+    "position", "created"), so the one naming the longest keyword wins (the most specific:
+    "country of citizenship" is citizenship, not country); on a tie the first in the file."""
+    best, best_len = None, 0
+    for relation in templates:
+        longest = max((len(k) for k in named_keywords(fact, relation[1])), default=0)
+        if longest > best_len:
+            best, best_len = relation, longest
+    return best
+
+
+def relation_positive_items(facts: list[Fact], n: int, templates,
+                            continuations: list[str] | None = None) -> list[tuple]:
+    """Up to ``n`` more wordings of each fact's own relation (``own_relation``'s first templates,
+    filled with its subject), answered by its target, so the question gate learns the relation
+    rather than the prompt's wording. Templates only: never a benchmark's evaluation prompts.
+    A fact whose relation no template relation asks gets none; a template that is the prompt
+    itself is left out (it is already a positive)."""
+    items = []
+    for i, f in enumerate(facts):
+        relation = own_relation(f, templates) if n > 0 else None
+        texts = [t.format(subject=f.subject) for t in relation[2]] if relation else []
+        texts = [t for t in texts if normalise(t) != normalise(f.prompt)][:n]
+        items += [(t, f.target_new, f.subject, i, continuations[i] if continuations else "") for t in texts]
+    return items
 
 
 def relation_swap_items(facts: list[Fact], swaps: int, rng: random.Random, templates) -> tuple[list, list]:

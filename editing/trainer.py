@@ -12,7 +12,10 @@ at its fact's answer positions and at its prompt with other subjects, and shut o
 subject asked about other relations (``relation_swaps``, templates from
 data/probes/training-templates.yaml, never the gate's probes nor a benchmark's
 prompts), on other facts of the same subject and after the answer. With
-``chat_positives`` each prompt is also trained as a chat user message.
+``chat_positives`` each prompt is also trained as a chat user message, and with
+``relation_positives`` each fact whose relation the templates recognise is also trained
+on up to that many of its own relation's templates (positives like its prompt: the edit
+loss and the question gate's open target at the answer).
 
 Hidden states below the first intervened layer are frozen, so they are computed
 once and every step runs only the layers above it.
@@ -40,7 +43,7 @@ from .baft import BaFTIntervention, causal_pool
 from .config import EditConfig
 from .examples import (GENERIC_TEXT, TEXT_STARTERS, Encoded, base_continuations, chat_items, encode,
                        load_training_templates, model_prefixes, negative_items, positive_items,
-                       relation_swap_items)
+                       relation_positive_items, relation_swap_items)
 from .facts import Fact, normalise
 
 
@@ -118,7 +121,8 @@ def _setup(model, config: EditConfig, existing) -> _Run:
 @dataclass
 class _Examples:
     """A block's training sequences, tokenised. ``pos``: per fact its prompt and prefixed
-    variants (the first ``n_facts * (1 + len(prefixes))`` rows), then the chat rows;
+    variants (the first ``n_facts * (1 + len(prefixes))`` rows), then the chat rows, then
+    its own relation in template wordings (``relation_positives``);
     ``neg``: swapped subjects, earlier facts and generic text; ``anchors``: each subject
     behind each prefix; ``swaps``: the subject asked about other relations (question gate)
     and, per swap, the facts whose question gates must stay shut on it."""
@@ -140,9 +144,12 @@ def _examples(model, tokenizer, facts: list[Fact], run: _Run, rng: random.Random
     prefixes = model_prefixes(model, tokenizer, cfg.prefixes, cfg.prefix_tokens, seed)
     with attach_interventions(model, existing or {}):
         continuations = base_continuations(model, tokenizer, facts, cfg.continuation_tokens)
-    # Chat rows come last: the first n_facts * (1 + prefixes) rows stay each fact's prompt and its prefixed variants.
+    # Chat rows and then template rows come last: the first n_facts * (1 + prefixes) rows stay
+    # each fact's prompt and its prefixed variants.
     chat = chat_items(tokenizer, facts) if run.gated and cfg.chat_positives else []
-    pos = encode(tokenizer, positive_items(facts, prefixes, continuations) + chat)
+    own = relation_positive_items(facts, cfg.relation_positives, load_training_templates(), continuations) \
+        if run.gated and cfg.relation_positives else []
+    pos = encode(tokenizer, positive_items(facts, prefixes, continuations) + chat + own)
     replay = list(earlier)
     if len(replay) > cfg.replay_negatives:
         replay = rng.sample(replay, cfg.replay_negatives)

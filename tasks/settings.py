@@ -74,6 +74,7 @@ class ProbeSettings(Section):
     standing_tokens: int       # greedy new tokens compared on each
     subject_probes: int         # per new fact: prompts on its subject's other relations
     subject_tokens: int         # new tokens of the base's recorded answer to each
+    shown_changes: int          # per fact, changed answers generated for the report
     relation_templates: str
     strict_facts: int          # at most this many new facts get the generation checks
     strict_tokens: int         # greedy new tokens for chat success and repetition

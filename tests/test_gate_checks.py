@@ -128,6 +128,9 @@ def test_probe_then_strict_checks_on_a_candidate(tiny_dir, tmp_path, settings):
     assert m["relation_specificity"] is not None or "relation_specificity" in notes
     assert 0.0 <= m["standing_locality"] <= 1.0 and "standing_locality_plain" in m
     assert m["strict_facts"] == 1 and m["repetition_excess"] is not None
+    assert m["fluency"] is not None            # read off the strict continuations, for the sampled fact
+    sampled = [r for r in evaluation["per_fact"] if r.get("fluency") is not None]
+    assert len(sampled) == 1 and sampled[0]["kind"] == "new"
     assert "locality" in notes and "standing suite" in notes["locality"]   # no locality prompts
     assert {"eval_seconds_relation_specificity", "eval_seconds_standing_locality",
             "eval_seconds_generation"} <= set(m)

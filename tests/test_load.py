@@ -1,4 +1,4 @@
-"""Five `ledit run` processes triggered at once, as five operators (or a schedule and four
+"""Three `ledit run` processes triggered at once, as three operators (or a schedule and two
 manual triggers) would: each on Prefect's ephemeral API under the same LEDIT_HOME, a real
 SQLite MLflow and a real git + DVC workspace, on the tiny model.
 
@@ -18,7 +18,7 @@ import yaml
 from test_pipeline import fact, fact_ids, make_params
 
 ROOT = Path(__file__).resolve().parent.parent
-TRIGGERS = 5
+TRIGGERS = 3
 
 
 def _env(tmp_path: Path, params: dict) -> dict:
@@ -29,7 +29,7 @@ def _env(tmp_path: Path, params: dict) -> dict:
     return env
 
 
-def test_five_triggers_at_once_are_serialised_and_apply_each_edit_once(tiny_dir, tmp_path):
+def test_three_triggers_at_once_are_serialised_and_apply_each_edit_once(tiny_dir, tmp_path):
     from tasks.stream import ledger
     from tasks.pipeline import store as pub
     from tasks.stream.workspace import init_workspace

@@ -478,8 +478,9 @@ def test_server_commands_listen_on_localhost_with_sqlite_under_home(tmp_path):
 
 @pytest.mark.integration
 def test_nightly_on_the_embedded_model_runs_the_default_gate(harness, tmp_path):
-    """The bundled sample stream through the real defaults: SmolLM2, params.yaml's gate. The
-    edits hold; every check is measured or says why not, and the verdict follows the checks.
+    """The bundled sample stream through the real defaults: SmolLM2, params.yaml's gate
+    thresholds (its probe suites cut down, as in tests/test_gate_embedded.py, to keep CI short).
+    The edits hold; every check is measured or says why not, and the verdict follows the checks.
     (Whether today's default BaFT passes is tests/test_gate_embedded.py's question.)"""
     from flows.nightly import nightly_refresh
     from tasks.pipeline.gate import GATE_METRICS
@@ -487,7 +488,8 @@ def test_nightly_on_the_embedded_model_runs_the_default_gate(harness, tmp_path):
     from tasks.stream.workspace import init_workspace
 
     params = merge(read_yaml(ROOT / "params.yaml"),
-                   {"pipeline": {"experiment": "exp-embedded", "registered_model": "model-embedded"}})
+                   {"pipeline": {"experiment": "exp-embedded", "registered_model": "model-embedded"},
+                    "gate": {"probes": {"standing_size": 12, "strict_facts": 2}}})
     h = init_workspace(tmp_path / "home")
     lines = (ROOT / "data" / "samples" / "nightly-sample.jsonl").read_text().splitlines()[:3]
     (tmp_path / "sample.jsonl").write_text("\n".join(lines) + "\n")     # 3 facts: about a minute

@@ -166,3 +166,12 @@ def test_evaluate_facts_without_a_chat_template_leaves_the_chat_metrics_out(tiny
     result = evaluate_facts(tiny_model, plain, FACTS[:1], strict_tokens=N)
     assert result["means"]["chat_success"] is None and result["means"]["chat_success_rephrase"] is None
     assert result["means"]["gen_success"] is not None and tokenizer.chat_template
+
+
+def test_fluency_is_read_off_the_strict_continuations_when_the_lengths_agree(tiny_model, tokenizer):
+    """With fluency_tokens == strict_tokens the prompts are not generated twice, and the
+    figures are those of a separate fluency generation."""
+    apart = evaluate_facts(tiny_model, tokenizer, FACTS, fluency_tokens=N)
+    shared = evaluate_facts(tiny_model, tokenizer, FACTS, fluency_tokens=N, strict_tokens=N)
+    assert [r["fluency"] for r in shared["per_fact"]] == [r["fluency"] for r in apart["per_fact"]]
+    assert shared["means"]["fluency"] == apart["means"]["fluency"] is not None

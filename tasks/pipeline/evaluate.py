@@ -47,8 +47,7 @@ def evaluate_candidate(home, settings: Settings, version: str) -> dict:
     t0 = time.perf_counter()
     new, kept, retracted = _split(record)
     rows: list[dict] = []
-    metrics = _fact_metrics(model, tokenizer, candidate, version, rows, new, kept, retracted,
-                            settings.eval.fluency_tokens)
+    metrics = _fact_metrics(model, tokenizer, candidate, version, rows, new, kept, retracted)
     strict = strict_checks(h, settings, record, new, candidate, model, tokenizer)
     metrics.update(strict["metrics"])
     _add_strict_rows(rows, strict)
@@ -77,11 +76,12 @@ def _split(record: dict) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def _fact_metrics(model, tokenizer, candidate, version: str, rows: list[dict], new: list[dict],
-                  kept: list[dict], retracted: list[dict], fluency_tokens: int) -> dict:
-    """The facts' own metrics; one row per fact is appended to ``rows``."""
+                  kept: list[dict], retracted: list[dict]) -> dict:
+    """The facts' own metrics; one row per fact is appended to ``rows``. Fluency is read off
+    the strict checks' continuations (``probing._generation``), not generated here again."""
     from statistics import mean
 
-    new_means = _evaluate(model, tokenizer, candidate, version, rows, new, "new", fluency_tokens)
+    new_means = _evaluate(model, tokenizer, candidate, version, rows, new, "new")
     checkpoint("during_evaluation")            # some facts evaluated, nothing saved yet
     kept_means = _evaluate(model, tokenizer, candidate, version, rows, kept, "retained")
     gone_means = _evaluate(model, tokenizer, candidate, version, rows, retracted, "retracted")
@@ -97,15 +97,15 @@ def _fact_metrics(model, tokenizer, candidate, version: str, rows: list[dict], n
     return metrics
 
 
-def _evaluate(model, tokenizer, candidate, version: str, rows: list[dict], items: list[dict], kind: str,
-              fluency_tokens: int = 0) -> dict | None:
+def _evaluate(model, tokenizer, candidate, version: str, rows: list[dict], items: list[dict],
+              kind: str) -> dict | None:
     from editing import Fact
     from editing.evaluate import evaluate_facts
 
     if not items:
         return None
     facts = [Fact(**x["fact"]) for x in items]
-    result = evaluate_facts(model, tokenizer, facts, attach=candidate.attach, fluency_tokens=fluency_tokens)
+    result = evaluate_facts(model, tokenizer, facts, attach=candidate.attach)
     for item, row in zip(items, result["per_fact"]):
         f, o = item["fact"], item.get("origin", {})
         rows.append({**row, "kind": kind, "subject": f["subject"], "prompt": f["prompt"],

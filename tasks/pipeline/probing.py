@@ -147,7 +147,8 @@ def _relation_specificity(out, probe, record, new_items, candidate, model, token
         notes["relation_specificity"] = "no probe left: every template relation is the edited facts' own"
     if not recorded or "relation_specificity" in notes:
         return
-    spec = probes.relation_specificity(model, tokenizer, recorded, attach=candidate)
+    spec = probes.relation_specificity(model, tokenizer, recorded, attach=candidate,
+                                       show=probe.shown_changes)
     m["relation_specificity"] = spec["mean"]
     for f in spec["per_fact"]:
         out["per_fact"].setdefault(f["fact_id"], {})["relation_specificity"] = f["specificity"]
@@ -172,7 +173,8 @@ def _standing_locality(out, h, probe, candidate, model, tokenizer) -> None:
 
 
 def _generation(out, probe, new_items, candidate, model, tokenizer) -> None:
-    """Chat success and repetition on a sample of the new edits, by fact-id hash."""
+    """Chat success, repetition and fluency on a sample of the new edits, by fact-id hash:
+    each asked by its prompt and its first rephrase (generation is the gate's cost)."""
     from editing import Fact, metrics
     from editing.evaluate import evaluate_facts
 
@@ -185,19 +187,21 @@ def _generation(out, probe, new_items, candidate, model, tokenizer) -> None:
     if not sample or not probe.strict_tokens:
         notes["chat_success"] = notes["repetition_excess"] = "gate.probes.strict_facts or strict_tokens is 0"
         return
-    facts = [Fact(**{**x["fact"], "locality": []}) for x in sample]   # locality: measured above
+    facts = [Fact(**{**x["fact"], "locality": [],                       # locality: measured above
+                     "rephrase_prompts": list(x["fact"].get("rephrase_prompts") or [])[:1]}) for x in sample]
     result = evaluate_facts(model, tokenizer, facts, attach=candidate.attach,
-                            strict_tokens=probe.strict_tokens)
+                            strict_tokens=probe.strict_tokens, fluency_tokens=probe.strict_tokens)
     means = result["means"]
     for key in ("gen_success", "gen_success_rephrase", "chat_success", "chat_success_rephrase"):
         m[key] = means.get(key)
     m["repetition"], m["repetition_base"] = means.get("repeats"), means.get("repeats_base")
+    m["fluency"] = means.get("fluency")
     m["repetition_excess"] = m["repetition"] - m["repetition_base"] if m["repetition"] is not None else None
     if not metrics.has_chat_template(tokenizer):
         notes["chat_success"] = "the tokenizer has no chat template"
     for row in result["per_fact"]:
         out["per_fact"].setdefault(row["fact_id"], {}).update(
-            {k: row.get(k) for k in ("gen_success", "chat_success", "repeats")})
+            {k: row.get(k) for k in ("gen_success", "chat_success", "repeats", "fluency")})
     m["strict_facts"] = len(sample)
 
 
