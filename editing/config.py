@@ -134,9 +134,11 @@ class ModelConfig(Section):
     SECTION: ClassVar[str] = "model"
     name: str = "smollm2-135m"      # the embedded SmolLM2-135M-Instruct, or any HF directory
     dtype: str = "float32"
+    threads: int = 0                # torch threads of the process loading it (0: torch's default)
 
     def __post_init__(self):
         _check(self, "dtype", self.dtype in DTYPES, f"one of {DTYPES}")
+        _check(self, "threads", isinstance(self.threads, int) and self.threads >= 0, "a whole number >= 0")
 
 
 @dataclass(frozen=True)

@@ -84,14 +84,26 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return str(name_or_path)
 
 
+def use_threads(n: int) -> int:
+    """Give this process ``n`` torch threads; 0 leaves torch's default (every core, or
+    ``OMP_NUM_THREADS``). Returns the count in use. Processes that share a host should
+    split its cores: each taking every core, they wait on one another (README, "Sharing a
+    host")."""
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def load_model(model: ModelConfig | str | None = None, device=None, dtype=None, trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` offline: the embedded SmolLM2 by default, or any local
-    Hugging Face directory or cached hub id. ``model`` is a ``ModelConfig`` (its name and
-    dtype), a name (float32), or None (``ModelConfig()``); ``dtype``, where given, wins.
+    Hugging Face directory or cached hub id. ``model`` is a ``ModelConfig`` (its name, dtype
+    and the process's ``threads``, ``use_threads``), a name (float32), or None
+    (``ModelConfig()``); ``dtype``, where given, wins.
     The model is in eval mode, frozen, on CUDA when present and on the CPU otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = model if isinstance(model, ModelConfig) else ModelConfig(name=str(model or EMBEDDED_MODEL))
+    use_threads(config.threads)
     path = resolve_model_path(config.name)
     dtype = getattr(torch, dtype or config.dtype) if not isinstance(dtype, torch.dtype) else dtype
     loaded = AutoModelForCausalLM.from_pretrained(

@@ -148,11 +148,13 @@ class ServingSettings(Section):
     default_max_tokens: int = 64        # a request without max_tokens gets this many
     max_batch: int = 8                  # requests generated together in one batch
     batch_wait_ms: float = 5.0          # how long the first request waits for others
+    threads: int = 0                    # torch threads of the serving process (0: every core)
 
     def __post_init__(self):
         for name in ("max_input_tokens", "max_tokens", "default_max_tokens", "max_batch"):
             _check(self, name, getattr(self, name) >= 1, "a whole number >= 1")
         _check(self, "default_max_tokens", self.default_max_tokens <= self.max_tokens, "<= max_tokens")
+        _check(self, "threads", self.threads >= 0, "a whole number >= 0")
         _check(self, "batch_wait_ms", self.batch_wait_ms >= 0, "a number >= 0")
 
 

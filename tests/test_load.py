@@ -36,6 +36,7 @@ def test_three_triggers_at_once_are_serialised_and_apply_each_edit_once(tiny_dir
 
     home = init_workspace(tmp_path / "home")
     params = make_params(tiny_dir, "load")
+    params["model"]["threads"] = 1        # processes sharing a host split its cores (README)
     env = _env(tmp_path, params)
     records = [fact(i) for i in range(TRIGGERS)]
     procs = []

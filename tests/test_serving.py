@@ -169,3 +169,28 @@ def test_registered_production_model_answers_over_rest(adapter_dir, tiny_dir, tm
     finally:
         stop_process_groups([server], 30)
         log.close()
+
+
+def test_the_served_model_takes_its_share_of_the_cores_from_the_serving_settings(adapter_dir, tiny_dir):
+    """serving.threads (logged in the chat model's model_config) sets the server's torch threads;
+    model.threads does the same for any process that loads a model; 0 leaves them as they are."""
+    import torch
+    from mlflow.pyfunc import PythonModelContext
+
+    from editing.config import ConfigError, ModelConfig
+    from tasks.pipeline.serving import load_served
+
+    before = torch.get_num_threads()
+    try:
+        load_served(PythonModelContext(artifacts={"adapter_set": adapter_dir},
+                                       model_config={"base_model": tiny_dir, "serving": {"threads": 1}}))
+        assert torch.get_num_threads() == 1
+        load_model(ModelConfig(str(tiny_dir)))                  # threads 0: left as they are
+        assert torch.get_num_threads() == 1
+        if before > 1:
+            load_model(ModelConfig(str(tiny_dir), threads=before))
+            assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads"):
+        ModelConfig(threads=-1)

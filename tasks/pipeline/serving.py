@@ -63,7 +63,8 @@ def load_served(context):
     config = context.model_config or {}
     adapter_set = AdapterSet.load(context.artifacts["adapter_set"])
     name = context.artifacts.get("base_model") or config.get("base_model") or adapter_set.base_model
-    model, tokenizer = load_model(ModelConfig(str(name), config.get("dtype", ModelConfig.dtype)))
+    threads = int((config.get("serving") or {}).get("threads", 0))       # the chat model's ServingSettings
+    model, tokenizer = load_model(ModelConfig(str(name), config.get("dtype", ModelConfig.dtype), threads))
     return adapter_set, model, tokenizer
 
 

@@ -17,6 +17,7 @@ the cluster in ``RAY_ADDRESS`` if set, and starts a local one otherwise.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -157,8 +158,8 @@ def _align_centres(adapter_set: AdapterSet) -> None:
 # -- Prefect + Ray ------------------------------------------------------------------
 
 def _resources(n_shards: int) -> dict:
-    """One shard per GPU when the cluster has GPUs; else an equal part of its CPUs
-    (Ray sets each worker's thread count to its CPUs)."""
+    """One shard per GPU when the cluster has GPUs; else an equal part of its CPUs, and
+    the worker's torch threads to match (``_flow``)."""
     import ray
 
     have = ray.cluster_resources() if ray.is_initialized() else {"GPU": torch.cuda.device_count()}
@@ -179,9 +180,12 @@ def _flow(facts, settings, base_dir, n_shards, training_run=None, data_version=N
     shards = split_into_shards(facts, n_shards)
     base_files = read_files(base_dir) if base_dir else None
     base = load_files(base_files) if base_files else None       # refuses a corrupted set here
-    with remote_options(**_resources(len(shards))):
+    resources = _resources(len(shards))
+    # a worker with every core of a host that other shards share would wait on them
+    model = replace(settings.model, threads=resources.get("num_cpus", settings.model.threads))
+    with remote_options(**resources):
         futures = [_shard_task().with_options(name=f"train-shard-{i + 1}-of-{len(shards)}").submit(
-            s, settings.model, settings.edit, base_files, training_run, data_version,
+            s, model, settings.edit, base_files, training_run, data_version,
             f"{i + 1}/{len(shards)}")
             for i, s in enumerate(shards)]
     # Results in submission order, whatever order the workers finish in.
