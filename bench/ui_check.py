@@ -272,7 +272,9 @@ def mlflow_run_pages(ml: dict, base: str) -> list[dict]:
     """The run's Overview (tags, dataset, verdict) and Artifacts tab (summary.md opened)."""
     tags, run = ml["tags"], f"{base}/#/experiments/{ml['experiment_id']}/runs/{ml['run_id']}"
     facts = sorted(k for k in tags if k.startswith("fact."))
-    checks = [("run name and ledit.status", [ml["run_name"], tag_shown(tags, "ledit.status")])]
+    checks = [("run name and ledit.status", [ml["run_name"], tag_shown(tags, "ledit.status")]),
+              ("description: the gate's table, the batches' DVC md5, the edits' sources",
+               [f"Gate for {tags['ledit.version']}", "DVC md5", "source"])]
     checks += [(f"tag {k}", [tag_shown(tags, k)]) for k in facts]
     checks += [(f"dataset input {name} with its DVC md5", [fold(f"{name} ({digest})")])
                for name, digest in ml["datasets"]]

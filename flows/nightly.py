@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 
 from prefect import flow
 
@@ -30,14 +31,19 @@ def _setup(home: str | None, params: dict | None) -> tuple[str, Settings]:
     return str(as_home(home).root), as_settings(params)
 
 
-@flow(name="nightly-refresh", log_prints=True)
+def _run_name(kind: str):
+    """Flow runs named for what and when ("nightly-2026-12-02T0200Z"), not Prefect's random pair."""
+    return lambda: f"{kind}-{datetime.now(timezone.utc):%Y-%m-%dT%H%MZ}"
+
+
+@flow(name="nightly-refresh", flow_run_name=_run_name("nightly"), log_prints=True)
 def nightly_refresh(home: str | None = None, params: dict | None = None) -> dict:
     """Take in the fact updates of the day and promote them if they pass the gate."""
     home, settings = _setup(home, params)
     return refresh(home, settings)
 
 
-@flow(name="manual-edit", log_prints=True)
+@flow(name="manual-edit", flow_run_name=_run_name("manual"), log_prints=True)
 def manual_edit(facts: list[str] | None = None, dry_run: bool = False, force: bool = False,
                 home: str | None = None, params: dict | None = None) -> dict:
     """The same pipeline now, on the given fact files (submitted to the inbox first).
@@ -52,7 +58,7 @@ def manual_edit(facts: list[str] | None = None, dry_run: bool = False, force: bo
     return refresh(home, settings, dry_run=dry_run, force=force)
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback", flow_run_name=_run_name("rollback"), log_prints=True)
 def rollback(version: str, home: str | None = None, params: dict | None = None) -> dict:
     """Move production (the published pointer and the MLflow alias) back to ``version``."""
     home, settings = _setup(home, params)

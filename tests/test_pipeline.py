@@ -126,6 +126,14 @@ def test_nightly_refresh_promotes_end_to_end(harness, tiny_dir, home, tmp_path):
     assert summary is not None and "promoted" in summary.data
     assert Artifact.get("ledit-edits") is not None and Artifact.get("ledit-gate") is not None
     assert Artifact.get("ledit-progress") is not None
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+    APILogHandler().flush()                                      # logs are shipped in batches
+    with get_client(sync_client=True) as client:                 # named for what and when
+        assert client.read_flow_run(s["flow_run_id"]).name.startswith("nightly-20")
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[s["flow_run_id"]])))
+    assert any(x.message.startswith("ledit run: promoted v1") for x in logs)
 
     # nothing new: nothing to do, production untouched
     again = nightly_refresh(home=str(home.root), params=params)
@@ -187,7 +195,11 @@ def test_reject_keeps_production_then_pending_facts_retry_lineage_and_rollback(h
     v3 = info["candidates"][-1]
     assert v3["mlflow_run_id"] == s3["mlflow_run_id"] and v3["model_version"] == s3["model_version"]
     assert v3["gate_passed"] is True and v3["gate_metrics"]["reliability"] is not None
-    assert cl.get_run(s3["mlflow_run_id"]).data.tags[f"fact.{f2}"].startswith("upsert from")
+    tags = cl.get_run(s3["mlflow_run_id"]).data.tags
+    assert tags[f"fact.{f2}"].split(" (")[0].endswith("day2.jsonl:1")     # the source first
+    description = tags["mlflow.note.content"]                             # the run page's first box
+    assert "Gate for v3" in description and "| check | value | threshold | result |" in description
+    assert f"`{f2}`" in description and "day2.jsonl:1" in description
 
     # rollback: pointer and alias back to v1; the ledger follows; a rejected version is refused
     out = rollback("v1", home=str(home.root), params=params)

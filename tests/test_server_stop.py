@@ -54,16 +54,24 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_server_stops_everything_it_started_on_sigterm(tmp_path):
-    """SIGTERM (what systemd, docker stop and kill send); Ctrl-C takes the same path."""
+@pytest.mark.parametrize("stop, started_by_script", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["sigterm", "sigint-started-in-the-background"])
+def test_server_stops_everything_it_started(tmp_path, stop, started_by_script):
+    """SIGTERM (what systemd, docker stop and kill send), and SIGINT (Ctrl-C) to a server a
+    script started in the background, where SIGINT arrives ignored (``cmd &``)."""
     prefect_port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(ROOT)
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "server", "--home", str(tmp_path / "home"),
          "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=_ignore_sigint if started_by_script else None)
     try:
         deadline = time.monotonic() + 240
         while not (listening(prefect_port) and listening(mlflow_port)):
@@ -72,7 +80,7 @@ def test_server_stops_everything_it_started_on_sigterm(tmp_path):
             time.sleep(1)
         started = descendants(server.pid)
         assert len(started) >= 2
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(stop)
         assert server.wait(timeout=60) == 0
         time.sleep(0.5)
         assert not listening(prefect_port) and not listening(mlflow_port)

@@ -48,8 +48,10 @@ def server_cmd(home, host, prefect_port, mlflow_port):
     (h / "mlartifacts").mkdir(exist_ok=True)
     procs = []
     # Each server in its own process group, so that stopping it stops what it started too
-    # (uvicorn workers, MLflow's job consumers); and on SIGTERM as on Ctrl-C.
+    # (uvicorn workers, MLflow's job consumers); and on SIGTERM as on Ctrl-C. SIGINT is caught
+    # too: started in the background by a script, it arrives ignored, and so would the servers.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         for name, cmd, env in server_commands(h, host, prefect_port, mlflow_port):
             procs.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
@@ -65,6 +67,7 @@ def server_cmd(home, host, prefect_port, mlflow_port):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)    # a second SIGTERM must not cut the cleanup short
         stop_process_groups([p for _, p in procs])
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     failed = [(n, p.returncode) for n, p in procs if p.returncode not in (0, -signal.SIGINT, None)]
     if failed:
         fail(", ".join(f"{n} exited with {rc}" for n, rc in failed))

@@ -37,8 +37,9 @@ def start_tracking(home, settings: Settings, version: str) -> str:
             "ledit.base_fingerprint": fingerprint(model)}
     for e in record["edits"][:settings.pipeline.fact_tags]:   # searchable: tags."fact.<id>" in the UI
         f, o = e["fact"], e.get("origin", {})
-        tags[f"fact.{f['fact_id']}"] = (f"{f.get('op', 'upsert')} from {o.get('batch') or 'pending'} "
-                                        f"{o.get('source_file')}:{o.get('source_line')}")
+        # the source first: the UI cuts long tag values off at the end
+        tags[f"fact.{f['fact_id']}"] = (f"{o.get('source_file')}:{o.get('source_line')} "
+                                        f"({f.get('op', 'upsert')}, {o.get('batch') or 'pending'})")
     run_id = tracking.start_run(h, settings, run_name=f"{version}", tags=tags)
     cl = tracking.client(h)
     tracking.log_params(cl, run_id, {"base_model": settings.model.name,
@@ -69,10 +70,17 @@ def log_evaluation(home, version: str, run_id: str, candidate: dict, evaluation:
     return child
 
 
-def log_verdict(home, run_id: str, verdict: Verdict) -> None:
-    """The gate's verdict as tags (each check, the first facts' reasons) and its thresholds."""
-    cl = tracking.client(as_home(home))
-    tracking.log_tags(cl, run_id, {
+def log_verdict(home, run_id: str, verdict: Verdict, version: str) -> None:
+    """The gate's verdict as tags (each check, the first facts' reasons) and its thresholds,
+    and as the run's description, the first thing on its page: the verdict with every check,
+    the batches with their DVC md5 and the edits with their sources."""
+    from tasks.pipeline.gate import markdown
+    from tasks.pipeline.report import run_description
+
+    h = as_home(home)
+    cl = tracking.client(h)
+    description = run_description(pub.read_record(h, version), markdown(verdict, version))
+    tracking.log_tags(cl, run_id, {"mlflow.note.content": description,
         "gate": "passed" if verdict.passed else "rejected", "gate.reasons": "; ".join(verdict.reasons) or "none",
         **{f"gate.check.{c.metric}": f"{'pass' if c.passed else 'fail'}: {c.describe()}" for c in verdict.checks},
         **{f"gate.fact.{k}": why for k, why in list(verdict.fact_reasons.items())[:100]}})
@@ -99,7 +107,8 @@ def register(home, settings: Settings, version: str, run_id: str, verdict: dict)
     tags.update({f"gate.{k}": record["metrics"].get(k) for k in GATE_METRICS})
     model_version = tracking.register_candidate(
         h, settings, run_id, source=source, tags=tags, model_id=model_id,
-        description=f"ledit adapter set {version}: {len(changes['added'])} new edits")
+        description=f"ledit adapter set {version}: {len(changes['added'])} new edits; gate "
+                    + ("passed" if verdict["passed"] else "rejected: " + "; ".join(verdict.get("reasons") or [])))
     pub.update_record(h, version, model_version=model_version)
     checkpoint("after_register")
     return model_version

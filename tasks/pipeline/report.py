@@ -112,6 +112,30 @@ def summary_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_line(s: dict) -> str:
+    """The run in one line, for the flow run's log."""
+    line = f"ledit run: {s['status']}"
+    if s["version"]:
+        line += f" {s['version']} (registry version {s['model_version']}, MLflow run {s['mlflow_run_id']})"
+    line += f"; production now {s['production_version'] or 'none'}"
+    return line + (f"; rejected because: {'; '.join(s['reasons'])}" if s["reasons"] else "")
+
+
+def run_description(record: dict, verdict_markdown: str, limit: int = 20) -> str:
+    """The MLflow run's description: the gate's table, then the data and the edits with their sources."""
+    lines = [verdict_markdown, "**Data** (each batch is a git tag of the data workspace; the md5 is DVC's)", ""]
+    lines += [f"- `{b['tag']}`: DVC md5 `{b['dvc_md5']}`" for b in record.get("batches", [])] or ["- none new"]
+    edits = record.get("edits", [])
+    lines += ["", f"**Edits** ({len(edits)}; first {min(limit, len(edits))}; per-fact results: the artifact "
+              "`evaluation/per_fact_table.json`)", "", "| fact | op | subject | new target | source |",
+              "|---|---|---|---|---|"]
+    for e in edits[:limit]:
+        f, o = e["fact"], e.get("origin", {})
+        lines.append(f"| `{f['fact_id']}` | {f.get('op', 'upsert')} | {_cell(f['subject'], 40)} | "
+                     f"{_cell(f.get('target_new', ''), 40)} | {_cell(o.get('source_file'), 60)}:{o.get('source_line')} |")
+    return "\n".join(lines) + "\n"
+
+
 def changed_markdown(changed: dict, limit: int = 5) -> str:
     """A few of the answers the candidate changed, for the gate's artifact."""
     standing = changed.get("standing") or []

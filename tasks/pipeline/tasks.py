@@ -66,7 +66,7 @@ register = task(name="register-candidate", retries=1, retry_delay_seconds=3, **Q
 def gate(home: str, settings: Settings, version: str, run_id: str, evaluation: dict) -> dict:
     """Judge the candidate; the verdict goes to MLflow tags and a Markdown artifact."""
     verdict = promote.judge(home, settings, version, evaluation)
-    record.log_verdict(home, run_id, Verdict.from_dict(verdict))
+    record.log_verdict(home, run_id, Verdict.from_dict(verdict), version)
     _artifact("markdown", key="ledit-gate", description=f"gate verdict for {version}",
               markdown=gate_markdown(Verdict.from_dict(verdict), version)
               + reporting.changed_markdown(evaluation.get("changed") or {}))
@@ -108,6 +108,7 @@ def report(home: str, settings: Settings, plan: dict, outcome: dict | None = Non
         record.close_run(home, run_id, summary["status"], timings)
     _artifact("markdown", key="ledit-run-summary", markdown=reporting.summary_markdown(summary),
               description=f"ledit pipeline run: {summary['status']}")
+    _log_line(reporting.summary_line(summary))
     rows = reporting.edit_rows(home, plan, summary["status"])
     if rows:
         _artifact("table", key="ledit-edits", table=rows, description=f"edits of {plan.get('version') or 'this run'}")
@@ -123,6 +124,16 @@ def _artifact(kind: str, **kwargs):
     except Exception as exc:
         log.warning("Prefect %s artifact %r not created: %s", kind, kwargs.get("key"), exc)
         return None
+
+
+def _log_line(text: str) -> None:
+    """One line in the flow run's log, where the Prefect UI shows it."""
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().info(text)
+    except Exception:          # outside a flow or task run: the summary artifact still says it
+        log.info(text)
 
 
 class Progress:
