@@ -72,6 +72,7 @@ def test_server_stops_everything_it_started(tmp_path, stop, started_by_script):
          "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=_ignore_sigint if started_by_script else None)
+    started: set[int] = set()
     try:
         deadline = time.monotonic() + 240
         while not (listening(prefect_port) and listening(mlflow_port)):
@@ -85,6 +86,9 @@ def test_server_stops_everything_it_started(tmp_path, stop, started_by_script):
         time.sleep(0.5)
         assert not listening(prefect_port) and not listening(mlflow_port)
         assert [p for p in started if alive(p)] == []
-    finally:
-        if server.poll() is None:
-            server.kill()
+    finally:                             # a failed stop must not leave servers behind
+        for pid in started | descendants(server.pid) | ({server.pid} if server.poll() is None else set()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
