@@ -15,7 +15,7 @@ prompts), on other facts of the same subject and after the answer. With
 ``chat_positives`` each prompt is also trained as a chat user message, and with
 ``relation_positives`` each fact whose relation the templates recognise is also trained
 on up to that many of its own relation's templates (positives like its prompt: the edit
-loss and the question gate's open target at the answer).
+loss, the question gate's open target at the answer, and its calibration).
 
 Hidden states below the first intervened layer are frozen, so they are computed
 once and every step runs only the layers above it.
@@ -132,10 +132,17 @@ class _Examples:
     anchors: Encoded
     swaps: list[tuple]
     swap_closes: list[list[int]]
+    n_relation: int = 0            # the last rows of ``pos``: the facts' own relation in template wordings
 
     def plain_rows(self, n_facts: int) -> torch.Tensor:
         """Each fact's own prompt, unprefixed."""
         return torch.arange(n_facts) * (1 + len(self.prefixes))
+
+    def question_rows(self, n_facts: int) -> torch.Tensor:
+        """The rows the question gates are calibrated on: each fact's own prompt and its
+        template wordings (``relation_positives``), unprefixed."""
+        n = len(self.pos.ids)
+        return torch.cat([self.plain_rows(n_facts), torch.arange(n - self.n_relation, n)])
 
 
 def _examples(model, tokenizer, facts: list[Fact], run: _Run, rng: random.Random, existing,
@@ -163,7 +170,7 @@ def _examples(model, tokenizer, facts: list[Fact], run: _Run, rng: random.Random
                                  for text in [p + " " + f.subject for p in prefixes] or [f.prompt]])
     swaps, closes = relation_swap_items(facts, cfg.relation_swaps, rng, load_training_templates()) \
         if run.query else ([], [])
-    return _Examples(prefixes, pos, neg, anchors, swaps, closes)
+    return _Examples(prefixes, pos, neg, anchors, swaps, closes, len(own))
 
 
 @dataclass
@@ -374,17 +381,21 @@ def _loss(block: dict, outputs, fz: _Frozen, t: _GateTargets, run: _Run) -> tupl
 def _calibrate(block: dict, n_facts: int, ex: _Examples, fz: _Frozen, targets: _GateTargets,
                owner: torch.Tensor, run: _Run) -> None:
     """Move each new gate's bias down (``gate_shift``), and each question gate's the same
-    way, read at each prompt's first answer position."""
+    way, read at the first answer position of its fact's prompt and template wordings."""
     cfg, pos = run.config.baft, ex.pos
     plain = ex.plain_rows(n_facts)
+    rows = ex.question_rows(n_facts)
     first_answer = pos.target_mask.long().argmax(1)
     for iv in block.values():
         iv.lower_gates(gate_shift(iv, fz.pos_g[plain], pos.target_mask[plain], targets.pos_valid[plain],
                                    owner, cfg.gate_margin, cfg.gate_ceiling))
         if run.query:
             with torch.no_grad():
-                z = iv.query_logits(fz.pos_h[plain, first_answer[plain]].to(run.device))
-                own = z[owner.to(z.device), torch.arange(iv.rank, device=z.device)]
+                z = iv.query_logits(fz.pos_h[rows, first_answer[rows]].to(run.device))
+                # The weakest of its own wordings: the ceiling must not shut the templates
+                # trained open (without them, its prompt's logit alone).
+                mine = (pos.fact[rows][:, None] == owner[None]).to(z.device)
+                own = z.masked_fill(~mine, torch.inf).amin(0)
                 shift = torch.full_like(own, float(cfg.query_margin))
                 if cfg.query_ceiling is not None:
                     shift = torch.maximum(shift, own - cfg.query_ceiling)

@@ -64,6 +64,9 @@ def test_n_adds_the_own_relations_templates_as_positives(tiny_model, tokenizer):
     assert torch.equal(ex.pos.ids[n0:, :width], wanted.ids)
     assert torch.equal(ex.pos.target_mask[n0:, :width], wanted.target_mask)   # the edit loss reads them
     assert (ex.pos.subject_pos[n0:] >= 0).all()
+    # The question gates are calibrated on them too (without them, on the prompts alone).
+    assert ex.question_rows(2).tolist() == ex.plain_rows(2).tolist() + [n0, n0 + 1]
+    assert torch.equal(zero.question_rows(2), zero.plain_rows(2))
     # The question gate opens on them at their answer positions, for the fact's own bases only.
     fz = _frozen_states(tiny_model, tokenizer, ex, run, None)
     _, owner = _new_block(tiny_model, tokenizer, 2, ex, fz, run)
