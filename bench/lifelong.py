@@ -69,19 +69,21 @@ def run_sequence(model, tokenizer, facts, method, settings: Settings, batch_size
 
 
 @torch.no_grad()
-def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds=5) -> dict:
-    """Greedy generation latency with the set attached over the bare model, interleaved.
+def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds=5, batch=1) -> dict:
+    """Greedy generation latency with the set attached over the bare model, interleaved;
+    ``batch`` prompts at a time (1: one at a time, as a served request).
 
     Every prompt generates exactly ``new_tokens`` tokens both ways: an edit that
     changes where the text ends would otherwise change the work being timed.
     """
     device = next(model.parameters()).device
-    encoded = [tokenizer(p, return_tensors="pt").to(device) for p in prompts]
+    encoded = [tokenizer(prompts[i:i + batch], return_tensors="pt", padding=True).to(device)
+               for i in range(0, len(prompts), batch)]
 
     def timed(attached):
         with adapter_set.attach(model) if attached else nullcontext():
             t0 = time.perf_counter()
-            for enc in encoded:   # one prompt at a time, as a served request
+            for enc in encoded:
                 model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                pad_token_id=tokenizer.pad_token_id)
             return time.perf_counter() - t0
@@ -91,7 +93,8 @@ def overhead_ratio(model, tokenizer, adapter_set, prompts, new_tokens=32, rounds
         bare.append(timed(False))
         edited.append(timed(True))
     b, e = statistics.median(bare), statistics.median(edited)
-    return {"bare_s": b, "edited_s": e, "ratio": e / b, "tokens": new_tokens * len(prompts)}
+    tokens = new_tokens * len(prompts)
+    return {"bare_s": b, "edited_s": e, "ratio": e / b, "tokens": tokens, "gate_ms_per_token": 1000 * (e - b) / tokens}
 
 
 def synthetic_set(model, n_edits: int, settings: Settings) -> AdapterSet:

@@ -29,13 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from bench.edit_quality import write_atomic
-from bench.lifelong import synthetic_set
+from bench.lifelong import overhead_ratio, synthetic_set
 from editing import AdapterSet, load_model
 from tasks.settings import load_settings
 
@@ -45,28 +44,6 @@ PROMPTS = ["The capital of France is", "My favourite recipe for soup starts with
            "A good way to learn a language is", "The largest ocean on Earth is",
            "In 1969, astronauts", "The best thing about autumn is"]
 FACT = {"subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the", "target_new": "violin"}
-
-
-@torch.no_grad()
-def latency(model, tokenizer, adapter_set, batch: int, tokens: int, rounds: int) -> dict:
-    """Median seconds of generating ``tokens`` new tokens for every prompt, bare and attached, interleaved."""
-    chunks = [PROMPTS[i:i + batch] for i in range(0, len(PROMPTS), batch)]
-    encoded = [tokenizer(c, return_tensors="pt", padding=True).to(model.device) for c in chunks]
-
-    def timed(attached: bool) -> float:
-        with adapter_set.attach(model) if attached else nullcontext():
-            t0 = time.perf_counter()
-            for enc in encoded:
-                model.generate(**enc, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
-                               pad_token_id=tokenizer.pad_token_id)
-            return time.perf_counter() - t0
-    timed(False), timed(True)                                    # warm-up
-    bare, edited = [], []
-    for _ in range(rounds):
-        bare.append(timed(False))
-        edited.append(timed(True))
-    b, e = statistics.median(bare), statistics.median(edited)
-    return {"ratio": e / b, "gate_ms_per_token": 1000 * (e - b) / (tokens * len(PROMPTS))}
 
 
 def load_times(path: Path, model) -> tuple[float, float]:
@@ -102,7 +79,7 @@ def measure(model, tokenizer, settings, n: int, args, work: Path) -> dict:
     adapter_set = AdapterSet.load(path)
     row = {"edits": n, "bytes": size, "bytes_per_edit": size / n, "load_s": load_s, "attach_s": attach_s}
     for batch in (1, 8):
-        lat = latency(model, tokenizer, adapter_set, batch, args.tokens, args.rounds)
+        lat = overhead_ratio(model, tokenizer, adapter_set, PROMPTS, args.tokens, args.rounds, batch)
         row[f"ratio_b{batch}"], row[f"gate_ms_b{batch}"] = lat["ratio"], lat["gate_ms_per_token"]
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["edit_s"] = one_fact_edit(path, work) if n in args.edit_sizes else None
