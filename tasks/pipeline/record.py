@@ -79,7 +79,9 @@ def log_verdict(home, run_id: str, verdict: Verdict, version: str) -> None:
 
     h = as_home(home)
     cl = tracking.client(h)
-    description = run_description(pub.read_record(h, version), markdown(verdict, version))
+    # a tag holds 8,000 characters: the first facts' reasons here, all of them in gate.fact.* tags
+    shown = Verdict(verdict.passed, verdict.checks, verdict.reasons, dict(list(verdict.fact_reasons.items())[:10]))
+    description = run_description(pub.read_record(h, version), markdown(shown, version))
     tracking.log_tags(cl, run_id, {"mlflow.note.content": description,
         "gate": "passed" if verdict.passed else "rejected", "gate.reasons": "; ".join(verdict.reasons) or "none",
         **{f"gate.check.{c.metric}": f"{'pass' if c.passed else 'fail'}: {c.describe()}" for c in verdict.checks},
