@@ -79,7 +79,7 @@ def log_verdict(home, run_id: str, verdict: Verdict, version: str) -> None:
 
     h = as_home(home)
     cl = tracking.client(h)
-    # a tag holds 8,000 characters: the first facts' reasons here, all of them in gate.fact.* tags
+    # a tag holds 8,000 characters: ten facts' reasons here, 100 in gate.fact.* tags, all in per_fact
     shown = Verdict(verdict.passed, verdict.checks, verdict.reasons, dict(list(verdict.fact_reasons.items())[:10]))
     description = run_description(pub.read_record(h, version), markdown(shown, version))
     tracking.log_tags(cl, run_id, {"mlflow.note.content": description,
