@@ -58,7 +58,7 @@ def pick_records(n: int, start: int) -> tuple[list[dict], Path]:
     return out, path
 
 
-def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict:
+def run(n_facts: int, start: int, model: str | None, shards: int | None, overrides: dict | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="ledit-bench-pipeline-"))
     os.environ["LEDIT_HOME"] = str(work / "home")
     os.environ["PREFECT_HOME"] = str(work / "prefect")
@@ -77,7 +77,7 @@ def run(n_facts: int, start: int, model: str | None, shards: int | None) -> dict
         over["model"] = {"name": model}
     if shards:
         over["pipeline"] = {"shards": shards}
-    params = merge(read_yaml(), over)
+    params = merge(merge(read_yaml(), over), overrides or {})
     home = init_workspace(work / "home")
     batch = work / "counterfact-batch.json"
     batch.write_text(json.dumps(records), encoding="utf-8")
@@ -173,12 +173,16 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=1000, help="first CounterFact record to use")
     ap.add_argument("--model", help="base model (default: params.yaml, the embedded SmolLM2)")
     ap.add_argument("--shards", type=int, help="pipeline.shards (default: params.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override params.yaml, e.g. --set gate.probes.subject_probes=1 (the gate's cost knobs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline.md"))
     args = ap.parse_args(argv)
 
     import torch
 
-    r = run(args.facts, args.start, args.model, args.shards)
+    from bench.edit_quality import parse_overrides
+
+    r = run(args.facts, args.start, args.model, args.shards, parse_overrides(args.overrides))
     p = r["params"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     head = (f"# One nightly run: where the wall time goes\n\n"
@@ -189,7 +193,7 @@ def main(argv=None) -> int:
             f"Run status: {r['status']} ({r['version']}); gate figures: "
             + ", ".join(f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in r["gate"].items())
             + (f"; reasons: {'; '.join(r['reasons'])}" if r.get("reasons") else "")
-            + f".\n\nCommand: `.venv/bin/python -m bench.pipeline --facts {args.facts}`\n\n")
+            + f".\n\nCommand: `.venv/bin/python -m bench.pipeline {' '.join(sys.argv[1:])}`\n\n")
     text = head + table(r) + checks_table(r) + "\n"
     print(text)
     if not r["timings"]:
