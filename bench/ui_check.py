@@ -298,13 +298,17 @@ def mlflow_model_pages(ml: dict, base: str, status: str) -> list[dict]:
     """The registered model (versions with aliases) and the run's model version."""
     vt, v = ml["version_tags"], ml["version"]
     lineage = [tag_shown(vt, k) for k in ("ledit.mlflow_run_id", "ledit.dvc_md5", "ledit.facts_added")]
-    if status == "promoted":
-        verdict = [(f"alias production on version {v} (store: {ml['production']})", ["@ production"])]
-    else:   # no alias to see: the rejection must be
-        verdict = [("version's gate tag and reasons", [tag_shown(vt, "gate"), tag_shown(vt, "gate.reasons")])]
-    model = [(f"version {v} listed", [f"Version {v}"]), *verdict,
+    promoted = [(f"alias production on version {v} (store: {ml['production']})", ["@ production"])]
+    model = [(f"version {v} listed", [f"Version {v}"]),
+             *(promoted if status == "promoted" else        # no alias to see: the rejection must be
+               [("version's gate tag and reasons", [tag_shown(vt, "gate"), tag_shown(vt, "gate.reasons")])]),
              ("version tags: MLflow run, DVC md5, facts added", lineage)]
-    version = [*verdict, ("source run", [f"Source Run : {ml['run_name']}"]),
+    # the version page's tags table shows its first five rows only: the reasons are in its description
+    first_reason = fold(vt.get("gate.reasons", "").split("; ")[0])
+    version = [*(promoted if status == "promoted" else
+                 [("version's gate tag, and the reasons in its description",
+                   [tag_shown(vt, "gate", " "), f"gate rejected: {first_reason}"])]),
+               ("source run", [f"Source Run : {ml['run_name']}"]),
                ("tags table: gate, ledit.dvc_md5, ledit.mlflow_run_id",
                 [tag_shown(vt, k, " ") for k in ("gate", "ledit.dvc_md5", "ledit.mlflow_run_id")])]
     name = urllib.parse.quote(ml["model"])
