@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from editing.offline import OFFLINE_ENV
-from flows.cli.server import stop_process_groups
+from flows.cli.server import raise_interrupt, stop_process_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -115,7 +115,7 @@ def ledit_server(home: Path, ports: dict, log_path: Path, timeout_s: float = 300
     prefect, mlflow = f"http://127.0.0.1:{ports['prefect']}", f"http://127.0.0.1:{ports['mlflow']}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_sigint_default)
+                                start_new_session=True)
         try:
             deadline = time.monotonic() + timeout_s
             while not (answers(f"{prefect}/api/health") and answers(f"{mlflow}/health")):
@@ -125,12 +125,6 @@ def ledit_server(home: Path, ports: dict, log_path: Path, timeout_s: float = 300
             yield prefect, mlflow
         finally:
             stop_process_groups([proc], 60)
-
-
-def _sigint_default() -> None:   # in the child, before exec
-    # Started from a script's `cmd &`, this process ignores SIGINT, and so would `ledit server`:
-    # stop_process_groups' SIGINT would be lost and its SIGKILL leave Prefect and MLflow running.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # -- the pipeline run -------------------------------------------------------------------------
@@ -425,6 +419,7 @@ def session(binary: str, work: Path, home: Path, ports: dict, args) -> tuple[lis
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupt)     # a kill stops the servers it started, too
     binary = find_chromium(args.chromium)
     if not binary:
         print("error: chromium not found; install it: apt-get install chromium", file=sys.stderr)

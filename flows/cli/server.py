@@ -50,8 +50,8 @@ def server_cmd(home, host, prefect_port, mlflow_port):
     # Each server in its own process group, so that stopping it stops what it started too
     # (uvicorn workers, MLflow's job consumers); and on SIGTERM as on Ctrl-C. SIGINT is caught
     # too: started in the background by a script, it arrives ignored, and so would the servers.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous_int = signal.signal(signal.SIGINT, raise_interrupt)
     try:
         for name, cmd, env in server_commands(h, host, prefect_port, mlflow_port):
             procs.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
@@ -73,7 +73,8 @@ def server_cmd(home, host, prefect_port, mlflow_port):
         fail(", ".join(f"{n} exited with {rc}" for n, rc in failed))
 
 
-def _raise_interrupt(signum, frame):
+def raise_interrupt(signum, frame):
+    """A signal handler that ends the process as Ctrl-C does, through ``finally`` blocks."""
     raise KeyboardInterrupt
 
 
