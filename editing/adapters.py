@@ -47,7 +47,6 @@ MANIFEST = "manifest.json"
 WEIGHTS = "adapter.safetensors"
 TENSORS = ("R", "W", "b", "G", "c", "center")
 QUERY_TENSORS = ("Q", "d", "qcenter")   # only in blocks trained with baft.query_gate (older sets have none)
-RELATION_TENSORS = ("qproj", "qbias")   # ... and with baft.query_space: relations
 
 
 class AdapterError(ValueError):
@@ -263,7 +262,7 @@ class AdapterSet:
         out = {}
         for i, b in enumerate(self.blocks):
             for L, iv in b.interventions.items():
-                for name in TENSORS + (QUERY_TENSORS if iv.query else ()) + (RELATION_TENSORS if iv.query_dims else ()):
+                for name in TENSORS + (QUERY_TENSORS if iv.query else ()):
                     out[f"blocks.{i}.layers.{L}.{name}"] = getattr(iv, name).detach().cpu().contiguous()
             for L, lw in b.lora.items():
                 out[f"blocks.{i}.layers.{L}.lora_A"] = lw["A"].detach().cpu().contiguous()
@@ -350,7 +349,7 @@ def _intervention(config: dict, tensors: dict[str, torch.Tensor], prefix: str) -
     """A saved intervention: its manifest ``gate`` config and its tensors under ``prefix``."""
     iv = BaFTIntervention.from_config(config)
     with torch.no_grad():
-        for name in TENSORS + (QUERY_TENSORS if iv.query else ()) + (RELATION_TENSORS if iv.query_dims else ()):
+        for name in TENSORS + (QUERY_TENSORS if iv.query else ()):
             getattr(iv, name).copy_(tensors[prefix + name])
     return iv.requires_grad_(False)
 

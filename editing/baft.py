@@ -62,12 +62,11 @@ BASIS_TENSORS = ("R", "W", "b", "G", "c", "Q", "d")
 class BaFTIntervention(nn.Module):
     def __init__(self, hidden_size: int, rank: int, gated: bool = True,
                  sharpness: float = 30.0, threshold: float = 0.8, gate_layer: int | None = None,
-                 query: bool = False, query_dims: int = 0):
+                 query: bool = False):
         super().__init__()
         self.hidden_size, self.rank, self.gated = hidden_size, rank, gated
         self.gate_layer = gate_layer if gated else None   # None: weights read h itself
         self.query = bool(query) and gated                # a per-position question gate
-        self.query_dims = int(query_dims) if self.query else 0   # > 0: it reads a relation space
         self.sharpness, self.threshold = float(sharpness), float(threshold)
         self.R = nn.Parameter(torch.empty(rank, hidden_size))   # basis rows r_k
         self.W = nn.Parameter(torch.zeros(rank, hidden_size))   # w_k
@@ -75,12 +74,9 @@ class BaFTIntervention(nn.Module):
         self.G = nn.Parameter(torch.zeros(rank, hidden_size))   # gate keys g_k
         self.c = nn.Parameter(torch.zeros(rank))                # gate biases c_k
         self.register_buffer("center", torch.zeros(hidden_size))  # m
-        self.Q = nn.Parameter(torch.zeros(rank, self.query_dims or hidden_size))   # question keys q_k
+        self.Q = nn.Parameter(torch.zeros(rank, hidden_size))   # question keys q_k
         self.d = nn.Parameter(torch.zeros(rank))                # question biases d_k
         self.register_buffer("qcenter", torch.zeros(hidden_size))  # m at the edit layer
-        if self.query_dims:   # the relation space P, b (editing/relations.py): u' = norm(P^T norm(h - m) + b)
-            self.register_buffer("qproj", torch.zeros(hidden_size, self.query_dims))
-            self.register_buffer("qbias", torch.zeros(self.query_dims))
         nn.init.orthogonal_(self.R)
 
     # -- the mathematics ------------------------------------------------------
@@ -98,14 +94,8 @@ class BaFTIntervention(nn.Module):
     def query_logits(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """q_k^T u'(h) + d_k: (..., rank) the question gate before the sigmoid (``rows``: those bases only)."""
         Q, d = (self.Q, self.d) if rows is None else (self.Q[rows], self.d[rows])
-        return self.query_unit(h) @ Q.T.to(h.dtype) + d.to(h.dtype)
-
-    def query_unit(self, h: torch.Tensor) -> torch.Tensor:
-        """u'(h): what the question gate compares with its keys."""
         unit = F.normalize(h - self.qcenter.to(h.dtype), dim=-1)
-        if self.query_dims:
-            unit = F.normalize(unit @ self.qproj.to(h.dtype) + self.qbias.to(h.dtype), dim=-1)
-        return unit
+        return unit @ Q.T.to(h.dtype) + d.to(h.dtype)
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Phi(h); ``weights`` are s(.) read elsewhere (a gate layer), else s(h)."""
@@ -143,7 +133,7 @@ class BaFTIntervention(nn.Module):
     @torch.no_grad()
     def init_query(self, keys: torch.Tensor, threshold: float) -> None:
         """Open basis k's question gate on the edit-layer state keys[k] (its prompt's last token)."""
-        self.Q.copy_(self.sharpness * self.query_unit(keys.to(self.qcenter)).to(self.Q))
+        self.Q.copy_(self.sharpness * F.normalize(keys.to(self.Q) - self.qcenter, dim=-1))
         self.d.fill_(-self.sharpness * threshold)
 
     @torch.no_grad()
@@ -163,7 +153,7 @@ class BaFTIntervention(nn.Module):
         """The constructor's arguments, as saved in a manifest (``from_config`` reads them)."""
         return {"hidden_size": self.hidden_size, "rank": self.rank, "gated": self.gated,
                 "sharpness": self.sharpness, "threshold": self.threshold, "gate_layer": self.gate_layer,
-                "query": self.query, "query_dims": self.query_dims}
+                "query": self.query}
 
     @classmethod
     def from_config(cls, config: dict, rank: int | None = None) -> "BaFTIntervention":
@@ -171,7 +161,7 @@ class BaFTIntervention(nn.Module):
         manifests written before the question gate have no ``query`` or ``gate_layer``."""
         return cls(config["hidden_size"], config["rank"] if rank is None else rank, config["gated"],
                    config["sharpness"], config["threshold"], config.get("gate_layer"),
-                   config.get("query", False), config.get("query_dims", 0))
+                   config.get("query", False))
 
     def extra_repr(self) -> str:
         kind = "BaFT" if self.gated else "ReFT"
@@ -185,9 +175,6 @@ class BaFTIntervention(nn.Module):
                 getattr(out, name).copy_(getattr(self, name)[rows.to(self.R.device)])
             out.center.copy_(self.center)
             out.qcenter.copy_(self.qcenter)
-            if self.query_dims:
-                out.qproj.copy_(self.qproj)
-                out.qbias.copy_(self.qbias)
         return out.requires_grad_(False).to(self.R.device)
 
     @classmethod
@@ -195,26 +182,17 @@ class BaFTIntervention(nn.Module):
         """One intervention equal to applying the sum of all parts' basis terms."""
         asking = [p for p in parts if p.query]
         if len({(p.gated, p.gate_layer) for p in parts}) != 1 or \
-                len({p.query_dims for p in asking}) > 1 or \
                 any(not same_centre(p.center, parts[0].center) for p in parts) or \
-                any(not same_centre(p.qcenter, asking[0].qcenter) for p in asking) or \
-                any(not same_centre(p.qproj, asking[0].qproj) for p in asking if p.query_dims):
+                any(not same_centre(p.qcenter, asking[0].qcenter) for p in asking):
             raise ValueError("cannot stack interventions with different gating or gate centres")
         first = parts[0]
-        dims = asking[0].query_dims if asking else 0
-        out = cls.from_config(dict(first.config(), query=bool(asking), query_dims=dims),
-                              rank=sum(p.rank for p in parts))
+        out = cls.from_config(dict(first.config(), query=bool(asking)), rank=sum(p.rank for p in parts))
         with torch.no_grad():
             for name in BASIS_TENSORS:
-                getattr(out, name).copy_(torch.cat([
-                    getattr(p, name) if p.query or name != "Q" else p.Q.new_zeros(p.rank, out.Q.shape[1])
-                    for p in parts]))
+                getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))
             if asking:   # bases of blocks without a question gate keep theirs open: sigmoid(50) = 1
                 out.d.copy_(torch.cat([p.d if p.query else torch.full_like(p.d, 50.0) for p in parts]))
                 out.qcenter.copy_(asking[0].qcenter)
-                if dims:
-                    out.qproj.copy_(asking[0].qproj)
-                    out.qbias.copy_(asking[0].qbias)
             out.center.copy_(first.center)
         return out.to(first.R.device)
 

@@ -189,7 +189,6 @@ class BaftConfig(Section):
     chat_positives: bool = False
     relation_positives: int = 0
     query_threshold: float = 0.6
-    query_space: str = "hidden"
     query_margin: float = 2.0
     query_ceiling: float | None = 1.0
 
@@ -197,7 +196,6 @@ class BaftConfig(Section):
         _check(self, "gate_layer", self.gate_layer is None or self.gate_layer >= 0, "null or a layer >= 0")
         _check(self, "bases_per_edit", self.bases_per_edit >= 1, "at least 1")
         _check(self, "sharpness", self.sharpness > 0, "a number > 0")
-        _check(self, "query_space", self.query_space in ("hidden", "relations"), "hidden or relations")
         for key in ("threshold", "query_threshold"):
             _check(self, key, -1 <= getattr(self, key) <= 1, "a cosine in [-1, 1]")
         for key in ("prefixes", "prefix_tokens", "subject_swaps", "continuation_tokens", "replay_negatives",

@@ -45,7 +45,6 @@ from .examples import (GENERIC_TEXT, TEXT_STARTERS, Encoded, base_continuations,
                        load_training_templates, model_prefixes, negative_items, positive_items,
                        relation_positive_items, relation_swap_items)
 from .facts import Fact, normalise
-from .relations import fit_relation_space
 
 
 @dataclass
@@ -208,14 +207,8 @@ def _new_block(model, tokenizer, n_facts: int, ex: _Examples, fz: _Frozen, run: 
     per = cfg.bases_per_edit
     rank = n_facts * per
     owner = torch.arange(n_facts).repeat_interleave(per)          # fact of each basis
-    space = None
-    if run.query:
-        qcenter = text_center(model, tokenizer, run.start)
-        if cfg.query_space == "relations":
-            space = fit_relation_space(model, tokenizer, run.start, qcenter, seed=run.config.seed)
     block = {L: BaFTIntervention(architecture.hidden_size(model), rank, run.gated, cfg.sharpness,
-                                 cfg.threshold, run.gate_layer, run.query,
-                                 0 if space is None else space[0].shape[1]).to(run.device) for L in run.layers}
+                                 cfg.threshold, run.gate_layer, run.query).to(run.device) for L in run.layers}
     # Keys: the subject's last token behind the prefixes (the anchors).
     n_anchor = len(ex.prefixes) or 1
     rows = torch.tensor([i * n_anchor + (j % n_anchor) for i in range(n_facts) for j in range(per)])
@@ -230,11 +223,9 @@ def _new_block(model, tokenizer, n_facts: int, ex: _Examples, fz: _Frozen, run: 
         # Question keys: each fact's prompt at its last token, at the (first) edit layer.
         plain = ex.plain_rows(n_facts)
         first_answer = ex.pos.target_mask.long().argmax(1)
+        qcenter = text_center(model, tokenizer, run.start)
         for iv in block.values():
             iv.qcenter.copy_(qcenter)
-            if space is not None:
-                iv.qproj.copy_(space[0])
-                iv.qbias.copy_(space[1])
             iv.init_query(fz.pos_h[plain, first_answer[plain]][owner], cfg.query_threshold)
     return block, owner
 
