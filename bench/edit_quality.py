@@ -33,10 +33,12 @@ from tasks.settings import Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 FILES = {"counterfact": "counterfact-val.json", "zsre": "zsre-dev.json",
+         "counterfact-train": "counterfact-train.json", "zsre-eval": "zsre-eval-dev.json",
          "knowedit-counterfact": "knowedit-wiki-counterfact-dev.json",
          "knowedit-recent": "knowedit-wiki-recent-dev.json",
          "knowedit-zsre": "knowedit-zsre-dev.json"}
 SAMPLES = {"counterfact": "counterfact-sample.json", "zsre": "zsre-sample.json",
+           "counterfact-train": "counterfact-sample.json", "zsre-eval": "zsre-sample.json",
            "knowedit-counterfact": "knowedit-wiki-counterfact-sample.json",
            "knowedit-recent": "knowedit-wiki-recent-sample.json",
            "knowedit-zsre": "knowedit-zsre-sample.json"}
